@@ -1,0 +1,202 @@
+"""Instruction data: the jsonl format of the KD benchmarks (Dolly, Self-Instruct...).
+
+A row has ``instruction`` (str), ``input`` (str, may be empty), ``output`` (a reference string
+or a list of them) and optionally ``prompt`` (the template already filled in).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from lmsmith.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass
+class InstructExample:
+    instruction: str
+    input: str = ""
+    references: list[str] = field(default_factory=list)
+    prompt: str | None = None
+    source: str = ""  # "file:line", for messages
+    category: str = ""
+
+
+def _check_str(obj, key, path, line, required=True):
+    if key not in obj:
+        if required:
+            raise DataError(path, line, key, "missing (expected a string)")
+        return None
+    val = obj[key]
+    if val is None and not required:
+        return None
+    if not isinstance(val, str):
+        raise DataError(path, line, key, f"expected a string, got {type(val).__name__}")
+    return val
+
+
+def parse_row(obj, path, line: int, need_output: bool = True) -> InstructExample:
+    if not isinstance(obj, dict):
+        raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    instruction = _check_str(obj, "instruction", path, line)
+    if not instruction.strip():
+        raise DataError(path, line, "instruction", "is empty")
+    inp = _check_str(obj, "input", path, line, required=False) or ""
+    prompt = _check_str(obj, "prompt", path, line, required=False)
+    refs: list[str] = []
+    if "output" in obj:
+        out = obj["output"]
+        if isinstance(out, str):
+            refs = [out]
+        elif isinstance(out, list) and out and all(isinstance(o, str) for o in out):
+            refs = list(out)
+        else:
+            raise DataError(
+                path, line, "output", "expected a string or a non-empty list of strings"
+            )
+    elif need_output:
+        raise DataError(path, line, "output", "missing (expected a reference string or a list)")
+    return InstructExample(
+        instruction=instruction,
+        input=inp,
+        references=refs,
+        prompt=prompt,
+        source=f"{path}:{line}",
+        category=str(obj.get("category", "")),
+    )
+
+
+def load_instruct(
+    path, limit: int | None = None, need_output: bool = True
+) -> list[InstructExample]:
+    """Read an instruction jsonl file; a bad row raises DataError naming file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "no such file")
+    rows: list[InstructExample] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    path, lineno, None, f"not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
+            rows.append(parse_row(obj, path, lineno, need_output))
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise DataError(path, None, None, "contains no rows")
+    return rows
+
+
+def builtin_prompts() -> list[InstructExample]:
+    """The >=100 instructions written for lmsmith, shipped as package data (no references)."""
+    ref = resources.files("lmsmith.data").joinpath("builtin_prompts.jsonl")
+    with resources.as_file(ref) as p:
+        return load_instruct(p, need_output=False)
+
+
+def save_instruct(rows: list[InstructExample], path) -> None:
+    """Write rows back as jsonl (atomically), e.g. teacher-written references."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            out = r.references[0] if len(r.references) == 1 else r.references
+            rec = {"instruction": r.instruction, "input": r.input, "output": out}
+            if r.prompt is not None:
+                rec["prompt"] = r.prompt
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def build_prompt(ex: InstructExample, tokenizer=None, chat_template: bool = False) -> str:
+    """The text the model continues: the chat template, else the row's prompt, else Alpaca."""
+    if chat_template:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                ex.source, None, None, "chat_template requested but the tokenizer has none"
+            )
+        user = ex.instruction if not ex.input else f"{ex.instruction}\n\n{ex.input}"
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    if ex.prompt:
+        return ex.prompt
+    tpl = ALPACA_WITH_INPUT if ex.input else ALPACA_NO_INPUT
+    return tpl.format(instruction=ex.instruction, input=ex.input)
+
+
+@dataclass
+class TokenizedSet:
+    """Token ids of prompt+response with the prompt masked out of the loss."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]  # -100 on prompt tokens
+    prompt_lens: list[int]
+    n_prompt_truncated: int = 0
+    n_total_truncated: int = 0
+
+
+def tokenize_prompt(tokenizer, text: str, max_prompt: int) -> tuple[list[int], bool]:
+    """Prompt ids, keeping the last ``max_prompt`` tokens (the instruction's end matters most)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_prompt:
+        return ids[-max_prompt:], True
+    return ids, False
+
+
+def tokenize_examples(
+    rows: list[InstructExample],
+    tokenizer,
+    max_prompt: int = 256,
+    max_total: int = 512,
+    chat_template: bool = False,
+    add_eos: bool = True,
+) -> TokenizedSet:
+    """Tokenise prompt + first reference; labels are -100 on the prompt. Counts truncations."""
+    out = TokenizedSet([], [], [])
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    for r in rows:
+        p_ids, cut = tokenize_prompt(
+            tokenizer, build_prompt(r, tokenizer, chat_template), max_prompt
+        )
+        out.n_prompt_truncated += cut
+        ref = r.references[0] if r.references else ""
+        y_ids = tokenizer(ref, add_special_tokens=False)["input_ids"] + eos
+        room = max_total - len(p_ids)
+        if len(y_ids) > room:
+            y_ids = y_ids[:room]
+            out.n_total_truncated += 1
+        out.input_ids.append(p_ids + y_ids)
+        out.labels.append([-100] * len(p_ids) + y_ids)
+        out.prompt_lens.append(len(p_ids))
+    if out.n_prompt_truncated or out.n_total_truncated:
+        log.info(
+            "truncated %d prompts to %d tokens and %d sequences to %d tokens",
+            out.n_prompt_truncated,
+            max_prompt,
+            out.n_total_truncated,
+            max_total,
+        )
+    return out

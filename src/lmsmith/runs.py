@@ -1,0 +1,68 @@
+"""Run folders: resolved config, metrics.jsonl sink, atomic JSON writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+
+def _default(o):
+    if is_dataclass(o):
+        return asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path, obj) -> None:
+    """Write JSON through a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=_default, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, rows) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=_default, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def make_run_dir(output_dir: str | None, kind: str) -> Path:
+    """The given folder, or ``runs/<kind>-<timestamp>``."""
+    path = (
+        Path(output_dir)
+        if output_dir
+        else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class MetricsSink:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (flushed each time)."""
+
+    def __init__(self, path, truncate: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate and self.path.exists():
+            self.path.unlink()
+
+    def log(self, **row) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=_default) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
