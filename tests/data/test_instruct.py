@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from lmsmith.data.instruct import (
+    ALPACA_NO_INPUT,
+    build_prompt,
+    builtin_prompts,
+    load_instruct,
+    tokenize_examples,
+)
+from lmsmith.errors import DataError
+
+
+def test_load_reads_strings_and_lists(instruct_file):
+    rows = load_instruct(instruct_file)
+    assert [r.references for r in rows] == [["hi"], ["apple", "an apple"], ["one two three"]]
+    assert rows[2].prompt == "Count:\n"
+    assert rows[1].source.endswith(":2")
+
+
+@pytest.mark.parametrize(
+    "line, field, fragment",
+    [
+        ('{"instruction": "x", "input": "", "output": 3}', "output", "string or a non-empty list"),
+        ('{"input": "", "output": "y"}', "instruction", "missing"),
+        ('{"instruction": 5, "output": "y"}', "instruction", "expected a string"),
+        ("{not json", None, "not valid JSON"),
+        ("[1, 2]", None, "expected a JSON object"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, line, field, fragment):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"instruction": "ok", "input": "", "output": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError) as e:
+        load_instruct(p)
+    assert e.value.line == 2 and e.value.field == field
+    assert f"{p}:2" in str(e.value) and fragment in str(e.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no rows"):
+        load_instruct(tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match="no such file"):
+        load_instruct(tmp_path / "nope.jsonl")
+
+
+def test_prompt_building(instruct_file, tiny):
+    rows = load_instruct(instruct_file)
+    assert build_prompt(rows[0]) == ALPACA_NO_INPUT.format(instruction="Say hi.")
+    assert "### Input:\napple" in build_prompt(rows[1])
+    assert build_prompt(rows[2]) == "Count:\n"  # the row's own prompt wins
+    with pytest.raises(DataError, match="chat_template"):
+        build_prompt(rows[0], tiny[1], chat_template=True)
+
+
+def test_prompt_is_masked_and_truncation_counted(instruct_file, tiny):
+    _, tok = tiny
+    rows = load_instruct(instruct_file)
+    ts = tokenize_examples(rows, tok, max_prompt=16, max_total=20)
+    for ids, labels, n in zip(ts.input_ids, ts.labels, ts.prompt_lens):
+        assert len(ids) == len(labels) <= 20
+        assert all(x == -100 for x in labels[:n])
+        assert labels[n:] == ids[n:]
+    # Alpaca prompts are far longer than 16 characters; "Count:\n" (7) is not.
+    assert ts.n_prompt_truncated == 2
+    assert ts.prompt_lens[2] == 7
+    # 16 + "hi"+EOS = 19 fits; 16 + "apple"+EOS = 22 and 7 + "one two three"+EOS = 21 do not.
+    assert ts.n_total_truncated == 2
+    assert len(ts.input_ids[0]) == 19
+    full = tokenize_examples(rows[2:], tok, max_prompt=256, max_total=512)
+    assert full.input_ids[0][-1] == tok.eos_token_id and full.n_total_truncated == 0
+
+
+def test_builtin_prompts_cover_the_categories():
+    rows = builtin_prompts()
+    assert len(rows) >= 100
+    cats = {r.category for r in rows}
+    assert {
+        "open_qa",
+        "brainstorming",
+        "classification",
+        "summarization",
+        "rewriting",
+        "creative_writing",
+        "reasoning",
+    } <= cats
+    assert all(r.input for r in rows if r.category == "summarization")
+
+
+def test_load_limit(tmp_path):
+    p = tmp_path / "many.jsonl"
+    p.write_text(
+        "".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(10))
+    )
+    assert len(load_instruct(p, limit=4)) == 4
