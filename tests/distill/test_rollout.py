@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+from lmsmith.distill.rollout import (
+    AdaSwitchRule,
+    Noise,
+    SKDRule,
+    SwitchRule,
+    draw,
+    left_pad,
+    naive_switch_rollout,
+    sample_rollout,
+    switch_rollout,
+)
+from lmsmith.models import tiny_causal_lm
+
+EOS, PAD = 2, 0
+PROMPTS = [[5, 9, 14, 3], [7], [11, 12, 13, 14, 15, 16, 17], [20, 21]]
+
+
+def _models():
+    return tiny_causal_lm(layers=1, seed=1), tiny_causal_lm(layers=2, seed=2)
+
+
+def _same(a, b):
+    assert torch.equal(a.mask, b.mask)
+    assert torch.equal(a.tokens[a.mask], b.tokens[b.mask])
+    assert torch.equal(a.teacher_wrote[a.mask], b.teacher_wrote[b.mask])
+    torch.testing.assert_close(a.divergence[a.mask], b.divergence[b.mask], rtol=1e-4, atol=1e-5)
+
+
+def test_draw_is_inverse_cdf():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    assert [int(draw(logits, torch.tensor([u]))) for u in (0.1, 0.3, 0.69, 0.71, 0.999)] == [
+        0,
+        1,
+        1,
+        2,
+        2,
+    ]
+    assert int(draw(logits, torch.tensor([0.0]), greedy=True)) == 1
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5])
+@pytest.mark.parametrize("tau0", [0.0, 0.0032, 10.0])
+def test_switch_draft_and_verify_equals_naive_loop(block, tau0):
+    student, teacher = _models()
+    ids, mask = left_pad(PROMPTS, PAD)
+    noise = Noise.draw(len(PROMPTS), 12, seed=block)
+    fast = switch_rollout(
+        student, teacher, ids, mask, SwitchRule(tau0, 0.1), 12, noise, EOS, PAD, block_size=block
+    )
+    slow = naive_switch_rollout(
+        student,
+        teacher,
+        ids,
+        mask,
+        SwitchRule(tau0, 0.1),
+        12,
+        noise,
+        EOS,
+        PAD,
+        keep_teacher_logits=True,
+    )
+    _same(fast, slow)
+    torch.testing.assert_close(
+        fast.teacher_logits[fast.mask], slow.teacher_logits[slow.mask], rtol=1e-4, atol=1e-4
+    )
+    if tau0 == 10.0:  # never above the threshold: all student tokens
+        assert not fast.teacher_wrote.any()
+    if tau0 == 0.0032:  # near the typical JSD of these two models: both write
+        assert fast.teacher_wrote[fast.mask].any() and not fast.teacher_wrote[fast.mask].all()
+    if tau0 == 0.0:  # always above: all teacher tokens
+        assert fast.teacher_wrote[fast.mask].all()
+
+
+def test_switch_mixes_writers_and_stops_early_on_eos():
+    student, teacher = _models()
+    # bias both models toward EOS so some rows stop before max_new
+    for m in (student, teacher):
+        m.lm_head.weight.data[EOS] += 1.0 * m.lm_head.weight.data.mean(0)
+        m.lm_head.bias = None
+    ids, mask = left_pad(PROMPTS, PAD)
+    seen_early_stop = seen_mix = False
+    for seed in range(6):
+        noise = Noise.draw(len(PROMPTS), 16, seed=seed)
+        rule = lambda: SwitchRule(0.0036, 0.01)  # noqa: E731
+        fast = switch_rollout(
+            student, teacher, ids, mask, rule(), 16, noise, EOS, PAD, block_size=3, adaptive=True
+        )
+        slow = naive_switch_rollout(student, teacher, ids, mask, rule(), 16, noise, EOS, PAD)
+        _same(fast, slow)
+        lengths = fast.mask.sum(1)
+        seen_early_stop |= bool((lengths < 16).any())
+        seen_mix |= bool(
+            fast.teacher_wrote[fast.mask].any() and (~fast.teacher_wrote[fast.mask]).any()
+        )
+        # after an EOS nothing is written
+        for b in range(len(PROMPTS)):
+            n = int(lengths[b])
+            assert fast.mask[b, :n].all() and not fast.mask[b, n:].any()
+            if n < 16:
+                assert int(fast.tokens[b, n - 1]) == EOS
+    assert seen_early_stop and seen_mix
+
+
+@pytest.mark.parametrize(
+    "make_rule", [lambda B: SKDRule(top_k=5), lambda B: AdaSwitchRule(B, window=3, factor=1.2)]
+)
+def test_other_rules_equal_naive(make_rule):
+    student, teacher = _models()
+    ids, mask = left_pad(PROMPTS, PAD)
+    noise = Noise.draw(len(PROMPTS), 14, seed=7)
+    fast = switch_rollout(
+        student, teacher, ids, mask, make_rule(4), 14, noise, EOS, PAD, block_size=4
+    )
+    slow = naive_switch_rollout(student, teacher, ids, mask, make_rule(4), 14, noise, EOS, PAD)
+    _same(fast, slow)
+    assert fast.teacher_wrote.any()
+
+
+def test_adaswitch_switches_once_and_for_all():
+    student, teacher = _models()
+    ids, mask = left_pad(PROMPTS, PAD)
+    r = naive_switch_rollout(
+        student, teacher, ids, mask, AdaSwitchRule(4, 3, 1.0), 20, Noise.draw(4, 20, 3), EOS, PAD
+    )
+    for b in range(4):
+        w = r.teacher_wrote[b][r.mask[b]].tolist()
+        if True in w:
+            first = w.index(True)
+            assert all(w[first:]), "after the switch the teacher writes every token"
+
+
+def test_sample_rollout_matches_generate_greedy():
+    model = tiny_causal_lm(layers=2, seed=3)
+    ids, mask = left_pad(PROMPTS, PAD)
+    r = sample_rollout(model, ids, mask, 8, torch.zeros(4, 8), eos_id=-1, pad_id=PAD, greedy=True)
+    for b, p in enumerate(PROMPTS):
+        ref = model.generate(
+            torch.tensor([p]),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=None,
+        )
+        assert r.tokens[b].tolist() == ref[0, len(p) :].tolist()
+
+
+def test_sample_rollout_equals_switch_with_infinite_threshold():
+    student, teacher = _models()
+    ids, mask = left_pad(PROMPTS, PAD)
+    noise = Noise.draw(4, 10, seed=11)
+    a = sample_rollout(student, ids, mask, 10, noise.student, EOS, PAD)
+    b = switch_rollout(
+        student, teacher, ids, mask, SwitchRule(1e9, 0.1), 10, noise, EOS, PAD, block_size=4
+    )
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.tokens[a.mask], b.tokens[b.mask])
