@@ -1,0 +1,1 @@
+"""Knowledge distillation: SWITCH and the methods it is compared with."""

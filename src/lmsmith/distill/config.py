@@ -1,0 +1,161 @@
+"""Typed configuration of a distillation run. YAML presets live in configs/distill/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import Literal
+
+from lmsmith.config import field
+from lmsmith.distill.losses import Divergence
+from lmsmith.distill.rollout import Schedule
+
+Method = Literal["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "skd", "switch", "adaswitch"]
+
+# Each method's data source and default divergence (docs/methods.md gives the reasons).
+METHOD_DEFAULTS: dict[str, dict] = {
+    "sft": {"policy": "ground_truth", "divergence": None},
+    "kd": {"policy": "ground_truth", "divergence": "fkl"},
+    "seqkd": {"policy": "teacher", "divergence": None},
+    "imitkd": {"policy": "student", "divergence": "fkl"},
+    "gkd": {"policy": "mixed", "divergence": "jsd"},
+    "distillm": {"policy": "adaptive", "divergence": "srkl"},
+    "skd": {"policy": "skd", "divergence": "fkl"},
+    "switch": {"policy": "switch", "divergence": "fkl"},
+    "adaswitch": {"policy": "adaswitch", "divergence": "fkl"},
+}
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = field("smollm2-135m-instruct", help="teacher spec: alias, folder or Hub id")
+    student: str = field(
+        "layers:10", help="student spec: alias, folder, Hub id or layers:N of the teacher"
+    )
+    lora_r: int = field(0, help="LoRA rank for the student (0 = train all weights)")
+    lora_alpha: int = field(16, help="LoRA alpha")
+
+    def __post_init__(self):
+        if self.lora_r < 0:
+            raise ValueError(f"model.lora_r must be >= 0, got {self.lora_r}")
+
+
+@dataclass
+class DataConfig:
+    data: str = field(
+        "", help="training jsonl (instruction/input/output); empty = built-in prompts"
+    )
+    eval_data: str = field("", help="held-out jsonl for ROUGE-L during training (empty = none)")
+    eval_limit: int = field(32, help="rows of eval_data scored at each evaluation")
+    max_prompt_tokens: int = field(256, help="prompts are cut to their last N tokens")
+    max_total_tokens: int = field(512, help="prompt + response tokens for ground-truth sequences")
+    chat_template: bool = field(False, help="wrap instructions in the tokenizer's chat template")
+    limit: int | None = field(None, help="use the first N training rows only")
+    long_prompts: Literal["skip", "truncate", "error"] = field(
+        "skip", help="prompts over max_prompt_tokens: drop the row (counted), keep the end, or stop"
+    )
+
+    def __post_init__(self):
+        if self.max_prompt_tokens < 1 or self.max_total_tokens <= self.max_prompt_tokens:
+            raise ValueError(
+                f"data.max_total_tokens ({self.max_total_tokens}) must exceed "
+                f"data.max_prompt_tokens ({self.max_prompt_tokens}) >= 1"
+            )
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = field(128, help="tokens generated per rollout")
+    temperature: float = field(1.0, help="sampling temperature of rollouts")
+    lam: float = field(0.5, help="GKD: probability that a sequence is student-written")
+    tau0: float = field(0.15, help="SWITCH: JSD threshold at position 0 (nats, JSD <= ln 2)")
+    decay: float = field(0.1, help="SWITCH: decay rate of the threshold per position")
+    schedule: Schedule = field("exponential", help="SWITCH: constant | linear | exponential")
+    teacher_greedy: bool = field(False, help="SWITCH/SKD: the intervening teacher takes the argmax")
+    block_size: int = field(4, help="draft length for draft-and-verify (1 = token by token)")
+    adaptive_block: bool = field(True, help="adapt the draft length to the observed acceptance")
+    skd_top_k: int = field(25, help="SKD: the student's token must be in the teacher's top-K")
+    ada_window: int = field(5, help="AdaSwitch: sliding window length L")
+    ada_factor: float = field(
+        1.5, help="AdaSwitch: switch when the window mean exceeds K x the earlier mean"
+    )
+    distillm_lam_max: float = field(0.5, help="DistiLLM: largest student-data share")
+    distillm_lam_step: float = field(
+        0.1, help="DistiLLM: raise of the share when validation loss stalls"
+    )
+    replay_size: int = field(256, help="DistiLLM: replay buffer capacity (sequences)")
+    replay_reuse: float = field(
+        0.5, help="DistiLLM: share of student data taken from the buffer when it is full enough"
+    )
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"rollout.lam must be in [0, 1], got {self.lam}")
+        if self.tau0 < 0 or self.decay < 0:
+            raise ValueError(
+                f"rollout.tau0 and rollout.decay must be >= 0, got {self.tau0}, {self.decay}"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"rollout.block_size must be >= 1, got {self.block_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class TrainConfig:
+    method: Method = field(
+        "switch", help="sft | kd | seqkd | imitkd | gkd | distillm | skd | switch | adaswitch"
+    )
+    divergence: Divergence | None = field(
+        None, help="fkl | rkl | jsd | tv | sfkl | srkl (default: the method's)"
+    )
+    beta: float = field(0.5, help="JSD(beta) interpolation")
+    alpha: float = field(0.1, help="skew KL mixing weight")
+    kd_temperature: float = field(1.0, help="temperature of the divergence")
+    sft_weight: float = field(0.0, help="add this x cross-entropy on ground-truth sequences")
+    lr: float = field(5e-5, help="peak learning rate (AdamW)")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    warmup_steps: int = field(0, help="linear warm-up steps")
+    batch_size: int = field(8, help="sequences per micro-batch")
+    grad_accum: int = field(1, help="micro-batches per optimiser step")
+    max_steps: int = field(100, help="optimiser steps")
+    max_grad_norm: float = field(1.0, help="gradient clipping (0 = off)")
+    precision: Literal["fp32", "bf16"] = field("bf16", help="autocast precision of forward passes")
+    seed: int = field(0, help="seed of data order, rollouts and initialisation")
+    log_every: int = field(1, help="write metrics.jsonl every N steps")
+    eval_every: int = field(
+        0, help="ROUGE-L on data.eval_data every N steps (0 = end only if eval_data)"
+    )
+    save_every: int = field(0, help="checkpoint every N steps (0 = end only)")
+    output_dir: str | None = field(None, help="run folder (default runs/distill-<time>)")
+    resume: bool = field(False, help="continue from the newest checkpoint in output_dir")
+    progress: bool = field(True, help="show progress bars")
+
+    def __post_init__(self):
+        for name in ("lr", "batch_size", "grad_accum", "max_steps"):
+            if not getattr(self, name) > 0:  # also rejects NaN
+                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.beta <= 1:
+            raise ValueError(f"train.beta must be in [0, 1], got {self.beta}")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"train.alpha must be in [0, 1), got {self.alpha}")
+        if self.method == "sft" and self.divergence is not None:
+            raise ValueError("train.divergence does not apply to method 'sft' (cross-entropy)")
+
+
+@dataclass
+class DistillConfig:
+    model: ModelConfig = dc_field(default_factory=ModelConfig)
+    data: DataConfig = dc_field(default_factory=DataConfig)
+    rollout: RolloutConfig = dc_field(default_factory=RolloutConfig)
+    train: TrainConfig = dc_field(default_factory=TrainConfig)
+
+    @property
+    def policy(self) -> str:
+        return METHOD_DEFAULTS[self.train.method]["policy"]
+
+    @property
+    def divergence(self) -> str | None:
+        return self.train.divergence or METHOD_DEFAULTS[self.train.method]["divergence"]

@@ -1,0 +1,594 @@
+"""The distillation loop: setup → train (rollout → loss → step) → evaluate → save.
+
+One class, read top to bottom. Every method is (who writes the sequences) × (which divergence);
+``DistillConfig.policy`` and ``DistillConfig.divergence`` pick both from the method name.
+Determinism: the rows of micro-batch i and the random numbers of its rollout are functions of
+(seed, i) alone, so a resumed run sees exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lmsmith import config as C
+from lmsmith.data.instruct import (
+    InstructExample,
+    build_prompt,
+    builtin_prompts,
+    load_instruct,
+    tokenize_prompt,
+)
+from lmsmith.distill.config import DistillConfig
+from lmsmith.distill.losses import divergence, sequence_ce
+from lmsmith.distill.rollout import (
+    AdaSwitchRule,
+    Noise,
+    Rollout,
+    SKDRule,
+    SwitchRule,
+    left_pad,
+    sample_rollout,
+    switch_rollout,
+)
+from lmsmith.errors import DataError, UserError
+from lmsmith.metrics.rouge import rouge_l
+from lmsmith.runs import MetricsSink, make_run_dir, write_json
+
+log = logging.getLogger(__name__)
+
+POSITION_BUCKETS = [(0, 15), (16, 31), (32, 63), (64, 127), (128, 10**9)]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Example:
+    prompt: list[int]  # prompt token ids (at most max_prompt_tokens)
+    response: list[int]  # reference response ids + EOS (may be empty for reference-less rows)
+    row: InstructExample
+
+
+def position_bucket_name(lo: int, hi: int) -> str:
+    return f"{lo}+" if hi >= 10**9 else f"{lo}-{hi}"
+
+
+def share_by_position(teacher_wrote: torch.Tensor, mask: torch.Tensor) -> dict[str, float | None]:
+    """Share of teacher-written tokens per response-position bucket. (B, N), (B, N) → dict."""
+    out = {}
+    for lo, hi in POSITION_BUCKETS:
+        m = mask[:, lo : hi + 1]
+        n = int(m.sum())
+        out[position_bucket_name(lo, hi)] = (
+            float(teacher_wrote[:, lo : hi + 1][m].sum()) / n if n else None
+        )
+    return out
+
+
+class DistillTrainer:
+    def __init__(self, cfg: DistillConfig, teacher=None, student=None, tokenizer=None):
+        """Models may be passed in (tests, benchmarks); otherwise they load from the config."""
+        self.cfg = cfg
+        self._given = (teacher, student, tokenizer)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.run_dir = make_run_dir(cfg.train.output_dir, f"distill-{cfg.train.method}")
+        teacher, student, tok = self._given
+        if teacher is None:
+            from lmsmith.models import load_lm
+
+            teacher, tok = load_lm(cfg.model.teacher)
+        if student is None:
+            from lmsmith.models import load_lm
+
+            student, s_tok = load_lm(cfg.model.student, teacher=teacher)
+            if s_tok is not None and len(s_tok) != len(tok):
+                raise UserError(
+                    f"teacher tokenizer has {len(tok)} tokens, student tokenizer {len(s_tok)}: "
+                    "token-level distillation needs one tokenizer"
+                )
+        from lmsmith.models import check_same_vocab
+
+        check_same_vocab(teacher, student)
+        self.tok = tok
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if cfg.model.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            student = get_peft_model(
+                student,
+                LoraConfig(
+                    r=cfg.model.lora_r,
+                    lora_alpha=cfg.model.lora_alpha,
+                    target_modules="all-linear",
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        self.examples = self._load_examples()
+        self.eval_rows = (
+            load_instruct(cfg.data.eval_data, limit=cfg.data.eval_limit)
+            if cfg.data.eval_data
+            else []
+        )
+        params = [p for p in student.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        warm = max(cfg.train.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+        )
+        self.student, self.optim, self.sched = self.accelerator.prepare(student, optim, sched)
+        self.step = 0
+        # DistiLLM's adaptive off-policy state
+        self.lam = 0.0 if cfg.policy == "adaptive" else cfg.rollout.lam
+        self.best_val: float | None = None
+        self.replay: list[tuple[list[int], list[int]]] = []
+        self.metrics = MetricsSink(self.run_dir / "metrics.jsonl", truncate=not cfg.train.resume)
+        if cfg.train.resume:
+            self._load_checkpoint()
+        write_json(self.run_dir / "config.json", C.to_dict(cfg))
+
+    def _load_examples(self) -> list[Example]:
+        cfg = self.cfg.data
+        rows = load_instruct(cfg.data, limit=cfg.limit) if cfg.data else builtin_prompts()
+        need_refs = (
+            self.cfg.policy in ("ground_truth", "mixed", "adaptive")
+            or self.cfg.train.sft_weight > 0
+        )
+        out, skipped = [], 0
+        for r in rows:
+            text = build_prompt(r, self.tok, cfg.chat_template)
+            full = self.tok(text, add_special_tokens=False)["input_ids"]
+            if len(full) > cfg.max_prompt_tokens:
+                if cfg.long_prompts == "error":
+                    raise DataError(
+                        r.source,
+                        None,
+                        "prompt",
+                        f"{len(full)} tokens, over data.max_prompt_tokens={cfg.max_prompt_tokens} "
+                        "(set data.long_prompts to skip or truncate)",
+                    )
+                if cfg.long_prompts == "skip":
+                    skipped += 1
+                    continue
+            prompt, _ = tokenize_prompt(self.tok, text, cfg.max_prompt_tokens)
+            if need_refs and not r.references:
+                raise DataError(
+                    r.source,
+                    None,
+                    "output",
+                    f"method '{self.cfg.train.method}' trains on references; this row has none",
+                )
+            resp = []
+            if r.references:
+                room = cfg.max_total_tokens - len(prompt)
+                resp = (
+                    self.tok(r.references[0], add_special_tokens=False)["input_ids"] + [self.eos_id]
+                )[:room]
+            out.append(Example(prompt, resp, r))
+        if skipped:
+            log.warning(
+                "skipped %d of %d rows whose prompt exceeds %d tokens",
+                skipped,
+                len(rows),
+                cfg.max_prompt_tokens,
+            )
+        self.n_skipped = skipped
+        if not out:
+            raise UserError(
+                f"no training rows left in {cfg.data or 'the built-in prompts'} "
+                f"({skipped} prompts longer than {cfg.max_prompt_tokens} tokens)"
+            )
+        return out
+
+    # ------------------------------------------------------------------ data order
+    def micro_batch(self, index: int) -> list[Example]:
+        """Rows of micro-batch ``index``: epochs of seeded permutations, a function of index only."""
+        bs, n = self.cfg.train.batch_size, len(self.examples)
+        out = []
+        for j in range(index * bs, (index + 1) * bs):
+            epoch, k = divmod(j, n)
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
+            out.append(self.examples[int(torch.randperm(n, generator=g)[k])])
+        return out
+
+    # ------------------------------------------------------------------ rollouts
+    def _ground_truth(self, batch: list[Example]) -> Rollout:
+        ids, pmask = left_pad([e.prompt for e in batch], self.pad_id)
+        n = max(max(len(e.response) for e in batch), 1)
+        toks = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.bool)
+        for i, e in enumerate(batch):
+            toks[i, : len(e.response)] = torch.tensor(e.response, dtype=torch.long)
+            mask[i, : len(e.response)] = True
+        return Rollout(
+            ids, pmask, toks, mask, torch.zeros_like(mask), torch.full(mask.shape, math.nan)
+        )
+
+    def rollout(self, batch: list[Example], index: int) -> Rollout:
+        cfg, r = self.cfg, self.cfg.rollout
+        ids, pmask = left_pad([e.prompt for e in batch], self.pad_id)
+        ids, pmask = ids.to(self.device), pmask.to(self.device)
+        noise = Noise.draw(len(batch), r.max_new_tokens, seed=cfg.train.seed * 1_000_003 + index)
+        student = self.accelerator.unwrap_model(self.student)
+        policy = cfg.policy
+        was_training = student.training
+        student.eval()
+        try:
+            if policy == "ground_truth":
+                return self._ground_truth(batch)
+            if policy == "teacher":
+                return sample_rollout(
+                    self.teacher,
+                    ids,
+                    pmask,
+                    r.max_new_tokens,
+                    noise.teacher,
+                    self.eos_id,
+                    self.pad_id,
+                    r.temperature,
+                )
+            if policy == "student":
+                return sample_rollout(
+                    student,
+                    ids,
+                    pmask,
+                    r.max_new_tokens,
+                    noise.student,
+                    self.eos_id,
+                    self.pad_id,
+                    r.temperature,
+                )
+            if policy in ("mixed", "adaptive"):
+                return self._mixed(batch, index, student, noise)
+            rule = {
+                "switch": lambda: SwitchRule(r.tau0, r.decay, r.schedule),
+                "skd": lambda: SKDRule(r.skd_top_k),
+                "adaswitch": lambda: AdaSwitchRule(len(batch), r.ada_window, r.ada_factor),
+            }[policy]()
+            return switch_rollout(
+                student,
+                self.teacher,
+                ids,
+                pmask,
+                rule,
+                r.max_new_tokens,
+                noise,
+                self.eos_id,
+                self.pad_id,
+                block_size=r.block_size,
+                temperature=r.temperature,
+                teacher_greedy=r.teacher_greedy,
+                adaptive=r.adaptive_block,
+            )
+        finally:
+            student.train(was_training)
+
+    def _mixed(self, batch, index, student, noise) -> Rollout:
+        """GKD: each sequence is student-written with probability λ, else the reference.
+        DistiLLM: the same with an adaptive λ, and student sequences partly replayed."""
+        r = self.cfg.rollout
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 7_919 + index)
+        on = (torch.rand(len(batch), generator=g) < self.lam).tolist()
+        reuse = (torch.rand(len(batch), generator=g) < r.replay_reuse).tolist()
+        rows: list[Example] = list(batch)
+        fresh = [i for i in range(len(batch)) if on[i]]
+        if self.cfg.policy == "adaptive" and len(self.replay) >= 2 * self.cfg.train.batch_size:
+            for i in [i for i in fresh if reuse[i]]:
+                p, y = self.replay[int(torch.randint(len(self.replay), (1,), generator=g))]
+                rows[i] = Example(p, y, batch[i].row)
+            fresh = [i for i in fresh if not reuse[i]]
+        if fresh:
+            ids, pmask = left_pad([rows[i].prompt for i in fresh], self.pad_id)
+            gen = sample_rollout(
+                student,
+                ids.to(self.device),
+                pmask.to(self.device),
+                r.max_new_tokens,
+                noise.student[fresh],
+                self.eos_id,
+                self.pad_id,
+                r.temperature,
+            )
+            for j, i in enumerate(fresh):
+                y = gen.tokens[j][gen.mask[j]].tolist()
+                rows[i] = Example(rows[i].prompt, y, batch[i].row)
+                if self.cfg.policy == "adaptive":
+                    self.replay.append((rows[i].prompt, y))
+            self.replay = self.replay[-r.replay_size :]
+        out = self._ground_truth(rows)
+        out.stats["student_rows"] = sum(on)
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, ro: Rollout, batch: list[Example]) -> torch.Tensor:
+        """Divergence (or cross-entropy) over the response positions of the rollout."""
+        cfg = self.cfg
+        ids, attn, _ = ro.sequences()
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+        N = ro.tokens.shape[1]
+        mask = ro.mask.to(self.device)
+        with self._autocast():
+            # logits at column c predict column c+1: the N response tokens need the N columns
+            # before them, i.e. the last N+1 columns minus the final one.
+            s_logits = self.student(
+                input_ids=ids, attention_mask=attn, position_ids=pos_ids, logits_to_keep=N + 1
+            ).logits[:, :-1]  # (B, N, V)
+            if cfg.divergence is None:
+                loss = sequence_ce(s_logits, ro.tokens.to(self.device), mask)
+            else:
+                if ro.teacher_logits is not None:
+                    t_logits = ro.teacher_logits.to(self.device)  # kept by the rollout
+                else:
+                    with torch.no_grad():
+                        t_logits = self.teacher(
+                            input_ids=ids,
+                            attention_mask=attn,
+                            position_ids=pos_ids,
+                            logits_to_keep=N + 1,
+                        ).logits[:, :-1]
+                loss = divergence(
+                    cfg.divergence,
+                    s_logits,
+                    t_logits,
+                    mask,
+                    beta=cfg.train.beta,
+                    alpha=cfg.train.alpha,
+                    temperature=cfg.train.kd_temperature,
+                )
+            if cfg.train.sft_weight > 0:
+                gt = self._ground_truth(batch)
+                g_ids, g_attn, _ = gt.sequences()
+                g_logits = self.student(
+                    input_ids=g_ids.to(self.device),
+                    attention_mask=g_attn.to(self.device),
+                    position_ids=(g_attn.cumsum(-1) - 1).clamp_min(0).to(self.device),
+                    logits_to_keep=gt.tokens.shape[1] + 1,
+                ).logits[:, :-1]
+                loss = loss + cfg.train.sft_weight * sequence_ce(
+                    g_logits, gt.tokens.to(self.device), gt.mask.to(self.device)
+                )
+        return loss
+
+    def _autocast(self):
+        enabled = self.cfg.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict:
+        cfg = self.cfg.train
+        t_start = time.perf_counter()
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"distill {cfg.method}",
+            disable=not cfg.progress,
+        )
+        last = {}
+        tok_total, time_total = 0, 0.0
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            self.student.train()
+            loss_sum, n_tok, shares, rows_ro = 0.0, 0, [], []
+            for m in range(cfg.grad_accum):
+                index = self.step * cfg.grad_accum + m
+                batch = self.micro_batch(index)
+                ro = self.rollout(batch, index)
+                loss = self.loss(ro, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {self.step + 1} (method {cfg.method}, lr {cfg.lr}); "
+                        f"nothing was saved for this step; lower train.lr or check the data"
+                    )
+                self.accelerator.backward(loss / cfg.grad_accum)
+                loss_sum += loss.item() / cfg.grad_accum
+                n_tok += int(ro.mask.sum())
+                rows_ro.append(ro)
+            if cfg.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+            self.optim.step()
+            self.sched.step()
+            self.optim.zero_grad(set_to_none=True)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            tok_total += n_tok
+            time_total += dt
+            wrote = torch.cat(
+                [_pad_to(r.teacher_wrote, self.cfg.rollout.max_new_tokens) for r in rows_ro]
+            )
+            msk = torch.cat([_pad_to(r.mask, self.cfg.rollout.max_new_tokens) for r in rows_ro])
+            share = float(wrote[msk].sum()) / max(int(msk.sum()), 1)
+            last = {
+                "step": self.step,
+                "loss": loss_sum,
+                "lr": self.sched.get_last_lr()[0],
+                "tokens_per_s": n_tok / dt,
+                "step_time_s": dt,
+                "response_tokens": n_tok,
+            }
+            if self.cfg.policy in ("switch", "skd", "adaswitch"):
+                div = torch.cat(
+                    [
+                        _pad_to(r.divergence, self.cfg.rollout.max_new_tokens, math.nan)
+                        for r in rows_ro
+                    ]
+                )
+                last.update(
+                    teacher_share=share,
+                    teacher_share_by_position=share_by_position(wrote, msk),
+                    mean_jsd=float(div[msk].nanmean()),
+                )
+            if self.cfg.policy in ("mixed", "adaptive"):
+                last["student_data_share"] = sum(
+                    r.stats.get("student_rows", 0) for r in rows_ro
+                ) / (cfg.batch_size * cfg.grad_accum)
+                last["lambda"] = self.lam
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.metrics.log(**last)
+            bar.set_postfix(loss=f"{loss_sum:.4f}")
+            bar.update(1)
+            if self.cfg.policy == "adaptive" and self.step % max(1, cfg.max_steps // 10) == 0:
+                self._distillm_schedule()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_rows:
+                self.metrics.log(step=self.step, eval_rougeL=self.evaluate())
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.tokens_per_s = tok_total / time_total if time_total else 0.0
+        self.wall_time = time.perf_counter() - t_start
+        return last
+
+    def _distillm_schedule(self) -> None:
+        """DistiLLM's adaptive off-policy: raise the student-data share when validation loss stalls."""
+        val = self.validation_loss()
+        if self.best_val is not None and val >= self.best_val:
+            self.lam = min(
+                self.cfg.rollout.distillm_lam_max, self.lam + self.cfg.rollout.distillm_lam_step
+            )
+        self.best_val = val if self.best_val is None else min(self.best_val, val)
+        self.metrics.log(step=self.step, val_loss=val, **{"lambda": self.lam})
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The method's divergence on the reference responses of a fixed slice of the data."""
+        self.student.eval()
+        rows = self.examples[: self.cfg.train.batch_size]
+        ro = self._ground_truth(rows)
+        val = float(self.loss(ro, rows))
+        self.student.train()
+        return val
+
+    @torch.no_grad()
+    def evaluate(self, seed: int = 0) -> float:
+        """Sampled ROUGE-L of the student on data.eval_data (eval_limit rows)."""
+        from lmsmith.evaluate import generate
+
+        student = self.accelerator.unwrap_model(self.student)
+        prompts = [build_prompt(r, self.tok, self.cfg.data.chat_template) for r in self.eval_rows]
+        answers = generate(
+            student,
+            self.tok,
+            prompts,
+            self.cfg.rollout.max_new_tokens,
+            seed=seed,
+            batch_size=self.cfg.train.batch_size,
+            max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+        )
+        return sum(rouge_l(a, r.references) for a, r in zip(answers, self.eval_rows)) / len(answers)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue, written to a temporary name and renamed into place."""
+        final = self._ckpt_dir() / f"step-{self.step:07d}"
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.accelerator.unwrap_model(self.student).state_dict(),
+            "optim": self.optim.state_dict(),
+            "sched": self.sched.state_dict(),
+            "step": self.step,
+            "lam": self.lam,
+            "best_val": self.best_val,
+            "replay": self.replay,
+        }
+        torch.save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(self._ckpt_dir().glob("step-*"))[:-2]:  # keep the two newest
+            if ".tmp-" not in old.name:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load_checkpoint(self) -> None:
+        ckpts = sorted(p for p in self._ckpt_dir().glob("step-*") if ".tmp-" not in p.name)
+        if not ckpts:
+            raise UserError(f"--resume: no checkpoint under {self._ckpt_dir()}")
+        state = torch.load(ckpts[-1] / "state.pt", weights_only=False)
+        self.accelerator.unwrap_model(self.student).load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        self.sched.load_state_dict(state["sched"])
+        self.step, self.lam = state["step"], state["lam"]
+        self.best_val, self.replay = state["best_val"], state["replay"]
+        log.info("resumed from %s (step %d)", ckpts[-1], self.step)
+
+    def save_student(self) -> Path:
+        """The final student as a plain HF folder (merged LoRA too, and the adapter beside it)."""
+        final = self.run_dir / "student"
+        tmp = self.run_dir / f".student.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.accelerator.unwrap_model(self.student)
+        if self.cfg.model.lora_r > 0:
+            model.save_pretrained(self.run_dir / "adapter")
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(tmp)
+        self.tok.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+
+def _pad_to(x: torch.Tensor, n: int, value=0) -> torch.Tensor:
+    if x.shape[1] >= n:
+        return x[:, :n]
+    pad = torch.full((x.shape[0], n - x.shape[1]), value, dtype=x.dtype)
+    return torch.cat([x, pad], dim=1)
+
+
+def run(cfg: DistillConfig, teacher=None, student=None, tokenizer=None) -> dict:
+    """setup → train → evaluate → save; returns the summary (also written to summary.json)."""
+    trainer = DistillTrainer(cfg, teacher, student, tokenizer)
+    trainer.setup()
+    last = trainer.train()
+    summary = {
+        "method": cfg.train.method,
+        "policy": cfg.policy,
+        "divergence": cfg.divergence,
+        "steps": trainer.step,
+        "final_loss": last.get("loss"),
+        "tokens_per_s": getattr(trainer, "tokens_per_s", None),
+        "teacher_token_share": _mean_share(trainer.metrics.read()),
+        "train_rows": len(trainer.examples),
+        "rows_skipped_long_prompt": trainer.n_skipped,
+        "wall_time_s": getattr(trainer, "wall_time", None),
+        "seed": cfg.train.seed,
+    }
+    if trainer.eval_rows:
+        summary["eval_rougeL"] = trainer.evaluate()
+        trainer.metrics.log(step=trainer.step, eval_rougeL=summary["eval_rougeL"])
+    summary["student_dir"] = str(trainer.save_student())
+    summary["run_dir"] = str(trainer.run_dir)
+    write_json(trainer.run_dir / "summary.json", summary)
+    return summary
+
+
+def _mean_share(rows: list[dict]) -> float | None:
+    vals = [r["teacher_share"] for r in rows if "teacher_share" in r]
+    return sum(vals) / len(vals) if vals else None

@@ -1,0 +1,163 @@
+import json
+
+import pytest
+import torch
+
+from lmsmith import config as C
+from lmsmith.cli import main as cli_main
+from lmsmith.distill.config import DistillConfig
+from lmsmith.distill.trainer import run
+from lmsmith.errors import UserError
+from lmsmith.models import layer_pruned, tiny_causal_lm, tiny_tokenizer
+
+METHODS = ["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "skd", "switch", "adaswitch"]
+WORDS = ["cat", "dog", "sun", "tree", "blue", "red", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("d") / "mem.jsonl"
+    p.write_text(
+        "".join(
+            json.dumps({"instruction": f"Say {w}.", "input": "", "output": w}) + "\n" for w in WORDS
+        )
+    )
+    return p
+
+
+def _cfg(data, out, method, **kw):
+    values = {
+        "method": method,
+        "data": str(data),
+        "max_steps": 8,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "max_new_tokens": 6,
+        "output_dir": str(out),
+        "progress": False,
+        "precision": "fp32",
+        "tau0": 0.05,
+        "decay": 0.05,
+        "chat_template": False,
+    }
+    values.update(kw)
+    return C.load(DistillConfig, None, values)
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    """A tiny teacher that has memorised the set (so its distributions are worth matching)."""
+    model = tiny_causal_lm(layers=2, seed=0)
+    run(
+        _cfg(data, tmp_path_factory.mktemp("t"), "sft", max_steps=60, lr=1e-2),
+        tiny_causal_lm(),
+        model,
+        tiny_tokenizer(),
+    )
+    return model.eval()
+
+
+def _losses(out):
+    return [
+        r["loss"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_with_falling_finite_loss(method, teacher, data, tmp_path):
+    student = layer_pruned(teacher, [0])
+    torch.nn.init.normal_(
+        student.model.layers[0].mlp.down_proj.weight, std=0.2
+    )  # start off the teacher
+    s = run(_cfg(data, tmp_path, method), teacher, student, tiny_tokenizer())
+    losses = _losses(tmp_path)
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == method and summary["steps"] == 8
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["method"] == method
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(s["student_dir"])
+    assert back.config.num_hidden_layers == 1
+    if method in ("switch", "skd", "adaswitch"):
+        rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert all("teacher_share_by_position" in r for r in rows if "loss" in r)
+        assert 0.0 <= summary["teacher_token_share"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["switch", "distillm"])
+def test_resume_equals_uninterrupted(method, teacher, data, tmp_path):
+    tok = tiny_tokenizer()
+    full = layer_pruned(teacher, [1])
+    run(_cfg(data, tmp_path / "a", method, max_steps=6), teacher, full, tok)
+    part = layer_pruned(teacher, [1])
+    run(_cfg(data, tmp_path / "b", method, max_steps=3, save_every=2), teacher, part, tok)
+    resumed = layer_pruned(teacher, [1])  # fresh weights: everything must come from the checkpoint
+    run(_cfg(data, tmp_path / "b", method, max_steps=6, resume=True), teacher, resumed, tok)
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp-*"))
+
+
+def test_lora_student_saves_merged_and_adapter(teacher, data, tmp_path):
+    s = run(
+        _cfg(data, tmp_path, "kd", max_steps=2, lora_r=4),
+        teacher,
+        layer_pruned(teacher, [0]),
+        tiny_tokenizer(),
+    )
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(s["student_dir"]).config.num_hidden_layers == 1
+
+
+def test_vocab_mismatch_and_nan_are_clear(teacher, data, tmp_path):
+    with pytest.raises(UserError, match="teacher has 100 tokens, student has 64"):
+        run(_cfg(data, tmp_path, "kd"), teacher, tiny_causal_lm(vocab_size=64), tiny_tokenizer())
+    with pytest.raises(UserError, match="train.lr must be > 0"):
+        _cfg(data, tmp_path / "n", "kd", lr=float("nan"))
+    student = layer_pruned(teacher, [0])
+    student.model.layers[0].mlp.down_proj.weight.data.fill_(float("nan"))
+    with pytest.raises(UserError, match="loss became nan at step 1"):
+        run(_cfg(data, tmp_path / "n2", "kd"), teacher, student, tiny_tokenizer())
+    assert (
+        not (tmp_path / "n2" / "student").exists()
+        and not (tmp_path / "n2" / "checkpoints").exists()
+    )
+
+
+def test_long_prompts_and_empty_data(teacher, data, tmp_path):
+    with pytest.raises(UserError, match="over data.max_prompt_tokens=8"):
+        run(
+            _cfg(data, tmp_path, "kd", max_prompt_tokens=8, long_prompts="error"),
+            teacher,
+            layer_pruned(teacher, [0]),
+            tiny_tokenizer(),
+        )
+    with pytest.raises(UserError, match="no training rows left"):
+        run(
+            _cfg(data, tmp_path, "kd", max_prompt_tokens=8),
+            teacher,
+            layer_pruned(teacher, [0]),
+            tiny_tokenizer(),
+        )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="no rows"):
+        run(_cfg(empty, tmp_path, "kd"), teacher, layer_pruned(teacher, [0]), tiny_tokenizer())
+
+
+def test_cli_distill_exit_codes(tmp_path, capsys):
+    assert cli_main(["distill", "--method", "nope"]) == 2
+    assert "not one of" in capsys.readouterr().err
+    assert (
+        cli_main(
+            ["distill", "--data", str(tmp_path / "missing.jsonl"), "--teacher", "no-such-model"]
+        )
+        == 2
+    )
+    assert "Traceback" not in capsys.readouterr().err
