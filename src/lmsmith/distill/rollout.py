@@ -163,13 +163,16 @@ class AdaSwitchRule:
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(model, ids, attn, pos_ids, cache):
+def _forward(model, ids, attn, pos_ids, cache, keep: int = 0):
+    """One cached forward; ``keep`` > 0 computes the LM head on the last ``keep`` columns only
+    (a prefill needs one: the vocabulary projection of every prompt token is wasted work)."""
     out = model(
         input_ids=ids,
         attention_mask=attn,
         position_ids=pos_ids,
         past_key_values=cache,
         use_cache=True,
+        logits_to_keep=keep,
     )
     return out.logits, out.past_key_values
 
@@ -190,7 +193,7 @@ def sample_rollout(
     B = prompt_ids.shape[0]
     attn = prompt_mask.clone()
     pos_ids = (attn.cumsum(-1) - 1).clamp_min(0)
-    logits, cache = _forward(model, prompt_ids, attn, pos_ids, None)
+    logits, cache = _forward(model, prompt_ids, attn, pos_ids, None, keep=1)
     nxt = logits[:, -1]
     n_valid = attn.sum(-1)
     tokens = torch.full((B, max_new), pad_id, dtype=torch.long)
@@ -238,8 +241,8 @@ def naive_switch_rollout(
     B = prompt_ids.shape[0]
     attn = prompt_mask.clone()
     pos_ids = (attn.cumsum(-1) - 1).clamp_min(0)
-    ls, s_cache = _forward(student, prompt_ids, attn, pos_ids, None)
-    lt, t_cache = _forward(teacher, prompt_ids, attn, pos_ids, None)
+    ls, s_cache = _forward(student, prompt_ids, attn, pos_ids, None, keep=1)
+    lt, t_cache = _forward(teacher, prompt_ids, attn, pos_ids, None, keep=1)
     ls, lt = ls[:, -1], lt[:, -1]
     n_valid = attn.sum(-1)
     out = _empty(
@@ -322,8 +325,8 @@ def switch_rollout(
     s_cache = t_cache = None
     if P > 1:
         pos_ids = (fed.cumsum(-1) - 1).clamp_min(0)
-        _, s_cache = _forward(student, prompt_ids[:, :-1], fed, pos_ids, None)
-        _, t_cache = _forward(teacher, prompt_ids[:, :-1], fed, pos_ids, None)
+        _, s_cache = _forward(student, prompt_ids[:, :-1], fed, pos_ids, None, keep=1)
+        _, t_cache = _forward(teacher, prompt_ids[:, :-1], fed, pos_ids, None, keep=1)
     pending = prompt_ids[:, -1].clone()  # (B,)
     n_valid = fed.sum(-1)  # position id of the pending token
     pos = torch.zeros(B, dtype=torch.long)  # response tokens kept per row

@@ -390,7 +390,7 @@ class DistillTrainer:
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             self.student.train()
-            loss_sum, n_tok, shares, rows_ro = 0.0, 0, [], []
+            loss_sum, n_tok, rows_ro = 0.0, 0, []
             for m in range(cfg.grad_accum):
                 index = self.step * cfg.grad_accum + m
                 batch = self.micro_batch(index)
