@@ -1,0 +1,301 @@
+"""Reproduce SWITCH's claims at CPU scale: one (method, student, seed) cell per call.
+
+    python benchmarks/kd_repro.py cell --method switch --layers 10 --seed 0
+    python benchmarks/kd_repro.py cell --method switch --layers 10 --seed 0 --tag exp-tau0.3 \
+        --set rollout.tau0=0.3
+    python benchmarks/kd_repro.py aggregate          # tables (Markdown) + plots from the JSON
+
+A cell starts from the SFT warm-up checkpoint of its student size (built once, cached under
+runs/kd/), trains with the fixed budget below, evaluates on fixed subsets of Dolly and
+Self-Instruct, and stores ``benchmarks/results/kd/<tag>-L<layers>-s<seed>.json``. Existing
+cells are skipped, so the study accumulates across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "kd"
+WORK = ROOT / "runs" / "kd"
+DATA = ROOT.parent / "shared" / "data" / "instruct"
+
+# The fixed budget of every cell (docs/results.md repeats it).
+BUDGET = {
+    "warmup_steps": 60,  # SFT warm-up on dolly/dev, shared by every method of a student size
+    "warmup_lr": 1e-4,
+    "steps": 30,  # distillation steps per cell
+    "batch_size": 8,
+    "lr": 5e-5,
+    "max_new_tokens": 128,  # rollout length
+    "eval_rows": {"dolly": 100, "self-inst": 50},  # the first N rows of each validation file
+    "eval_max_new_tokens": 128,
+    "eval_seed": 10,
+}
+METHODS = ["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "skd", "adaswitch", "switch"]
+
+
+def _lm():
+    from lmsmith.models import load_lm
+
+    return load_lm("smollm2-135m-instruct")
+
+
+def warmup(layers: int, teacher, tok) -> Path:
+    """The SFT-warmed student of this size (built once; a crash leaves no half folder)."""
+    from lmsmith import config as C
+    from lmsmith.distill.config import DistillConfig
+    from lmsmith.distill.trainer import run
+    from lmsmith.models import layer_pruned
+
+    out = WORK / f"warmup-L{layers}"
+    if (out / "student" / "config.json").exists():
+        return out / "student"
+    cfg = C.load(
+        DistillConfig,
+        None,
+        {
+            "method": "sft",
+            "data": str(DATA / "dolly" / "dev.jsonl"),
+            "max_steps": BUDGET["warmup_steps"],
+            "batch_size": BUDGET["batch_size"],
+            "lr": BUDGET["warmup_lr"],
+            "output_dir": str(out),
+            "seed": 0,
+        },
+    )
+    run(cfg, teacher, layer_pruned(teacher, layers), tok)
+    return out / "student"
+
+
+def evaluate(model, tok) -> dict:
+    from lmsmith.data.instruct import load_instruct
+    from lmsmith.evaluate import EvalConfig, evaluate_rows
+
+    out = {}
+    for name, n in BUDGET["eval_rows"].items():
+        path = DATA / ("dolly" if name == "dolly" else "self-inst") / "valid.jsonl"
+        cfg = EvalConfig(
+            data=str(path),
+            limit=n,
+            seeds=[BUDGET["eval_seed"]],
+            max_new_tokens=BUDGET["eval_max_new_tokens"],
+            batch_size=8,
+        )
+        metrics, _ = evaluate_rows(model, tok, load_instruct(path, limit=n), cfg)
+        out[name] = {"rougeL": metrics["rougeL_mean"], "by_length": metrics["by_length"]}
+    return out
+
+
+def cell(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmsmith import config as C
+    from lmsmith.distill.config import DistillConfig
+    from lmsmith.distill.trainer import run
+
+    tag = args.tag or args.method
+    path = RESULTS / f"{tag}-L{args.layers}-s{args.seed}.json"
+    if path.exists():
+        print(f"skip: {path} exists")
+        return 0
+    t0 = time.perf_counter()
+    teacher, tok = _lm()
+    if args.method == "teacher":
+        result = {"eval": evaluate(teacher, tok)}
+    else:
+        start = warmup(args.layers, teacher, tok)
+        student = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+        result = {}
+        if args.method != "warmup":
+            values = {
+                "method": args.method,
+                "data": str(DATA / "dolly" / "dev.jsonl"),
+                "max_steps": BUDGET["steps"],
+                "batch_size": BUDGET["batch_size"],
+                "lr": BUDGET["lr"],
+                "max_new_tokens": BUDGET["max_new_tokens"],
+                "seed": args.seed,
+                "output_dir": str(WORK / f"{tag}-L{args.layers}-s{args.seed}"),
+            }
+            for kv in args.set:
+                k, v = kv.split("=", 1)
+                values[k] = v
+            cfg = C.load(DistillConfig, None, values)
+            summary = run(cfg, teacher, student, tok)
+            metrics = [
+                json.loads(x)
+                for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+            ]
+            result["train"] = summary
+            result["config"] = C.to_dict(cfg)
+            result["teacher_share_by_position"] = _share_by_position(metrics)
+        result["eval"] = evaluate(student, tok)
+    result.update(
+        method=args.method,
+        tag=tag,
+        layers=args.layers,
+        seed=args.seed,
+        budget=BUDGET,
+        wall_time_s=time.perf_counter() - t0,
+    )
+    from lmsmith.runs import write_json
+
+    write_json(path, result)
+    print(json.dumps({k: result["eval"][k]["rougeL"] for k in result["eval"]}), f"→ {path}")
+    return 0
+
+
+def _share_by_position(rows: list[dict]) -> dict | None:
+    """Teacher-token share per position bucket, averaged over the logged steps."""
+    acc: dict[str, list[float]] = {}
+    for r in rows:
+        for k, v in (r.get("teacher_share_by_position") or {}).items():
+            if v is not None:
+                acc.setdefault(k, []).append(v)
+    return {k: statistics.fmean(v) for k, v in acc.items()} or None
+
+
+def aggregate(args) -> int:
+    cells = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    if not cells:
+        print("no cells yet")
+        return 1
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["tag"], c["layers"]), []).append(c)
+
+    def ms(vals):
+        m = statistics.fmean(vals)
+        s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{m:.2f} ± {s:.2f}" if len(vals) > 1 else f"{m:.2f}"
+
+    lines = [
+        "| method (tag) | student layers | seeds | Dolly ROUGE-L | Self-Inst ROUGE-L | teacher-token share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (tag, layers), cs in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0])):
+        share = [c["train"].get("teacher_token_share") for c in cs if c.get("train")]
+        share = [s for s in share if s is not None]
+        lines.append(
+            f"| {tag} | {layers} | {len(cs)} | {ms([c['eval']['dolly']['rougeL'] for c in cs])} | "
+            f"{ms([c['eval']['self-inst']['rougeL'] for c in cs])} | "
+            f"{(f'{100 * statistics.fmean(share):.1f}%' if share else '–')} |"
+        )
+    buckets = list(next(iter(cells))["eval"]["dolly"]["by_length"])
+    lines += [
+        "",
+        "ROUGE-L on Dolly by reference length (words), mean over seeds:",
+        "",
+        "| method (tag) | layers | " + " | ".join(buckets) + " |",
+        "|---|---|" + "---|" * len(buckets),
+    ]
+    for (tag, layers), cs in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0])):
+        vals = []
+        for b in buckets:
+            xs = [c["eval"]["dolly"]["by_length"][b]["rougeL"] for c in cs]
+            xs = [x for x in xs if not math.isnan(x)]
+            vals.append(f"{statistics.fmean(xs):.2f}" if xs else "–")
+        lines.append(f"| {tag} | {layers} | " + " | ".join(vals) + " |")
+    share_rows = [
+        (k, cs) for k, cs in groups.items() if any(c.get("teacher_share_by_position") for c in cs)
+    ]
+    if share_rows:
+        pos = list(
+            next(
+                c["teacher_share_by_position"]
+                for _, cs in share_rows
+                for c in cs
+                if c.get("teacher_share_by_position")
+            )
+        )
+        lines += [
+            "",
+            "Share of teacher-written tokens by response position:",
+            "",
+            "| method (tag) | layers | " + " | ".join(pos) + " |",
+            "|---|---|" + "---|" * len(pos),
+        ]
+        for (tag, layers), cs in sorted(share_rows):
+            vals = []
+            for p in pos:
+                xs = [
+                    c["teacher_share_by_position"].get(p)
+                    for c in cs
+                    if c.get("teacher_share_by_position")
+                ]
+                xs = [x for x in xs if x is not None]
+                vals.append(f"{100 * statistics.fmean(xs):.1f}%" if xs else "–")
+            lines.append(f"| {tag} | {layers} | " + " | ".join(vals) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    _plots(groups, buckets)
+    return 0
+
+
+def _plots(groups, buckets) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (tag, layers), cs in sorted(groups.items()):
+        ys = []
+        for b in buckets:
+            xs = [c["eval"]["dolly"]["by_length"][b]["rougeL"] for c in cs]
+            xs = [x for x in xs if not math.isnan(x)]
+            ys.append(statistics.fmean(xs) if xs else float("nan"))
+        ax.plot(buckets, ys, marker="o", label=f"{tag} (L{layers})")
+    ax.set_xlabel("reference length (words)")
+    ax.set_ylabel("ROUGE-L (Dolly subset)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "kd_rouge_by_length.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (tag, layers), cs in sorted(groups.items()):
+        sp = [c["teacher_share_by_position"] for c in cs if c.get("teacher_share_by_position")]
+        if not sp:
+            continue
+        keys = list(sp[0])
+        ax.plot(
+            keys,
+            [100 * statistics.fmean([s[k] for s in sp if k in s]) for k in keys],
+            marker="o",
+            label=f"{tag} (L{layers})",
+        )
+    ax.set_xlabel("response position")
+    ax.set_ylabel("teacher-written tokens (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "kd_intervention_by_position.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cell", help="run one (method, student, seed) cell")
+    c.add_argument("--method", required=True, choices=METHODS + ["teacher", "warmup"])
+    c.add_argument("--layers", type=int, default=10)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--tag", default=None, help="name of the cell (default: the method)")
+    c.add_argument(
+        "--set", action="append", default=[], help="config override key=value (repeatable)"
+    )
+    a = sub.add_parser("aggregate", help="tables and plots from the stored cells")
+    a.add_argument("--out", default=None, help="also write the Markdown tables here")
+    args = ap.parse_args(argv)
+    return cell(args) if args.cmd == "cell" else aggregate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
