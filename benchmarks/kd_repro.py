@@ -38,6 +38,9 @@ BUDGET = {
     "eval_max_new_tokens": 128,
     "eval_seed": 10,
 }
+# A smaller budget for sweeps of one method's knobs (the SWITCH defaults): same warm-up, fewer
+# steps, shorter rollouts, a smaller Dolly subset; its cells live in their own folder.
+QUICK = {**BUDGET, "steps": 12, "max_new_tokens": 64, "eval_rows": {"dolly": 60}, "eval_max_new_tokens": 128}
 METHODS = ["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "skd", "adaswitch", "switch"]
 
 
@@ -74,19 +77,20 @@ def warmup(layers: int, teacher, tok) -> Path:
     return out / "student"
 
 
-def evaluate(model, tok) -> dict:
+def evaluate(model, tok, budget: dict) -> dict:
     from lmsmith.data.instruct import load_instruct
     from lmsmith.evaluate import EvalConfig, evaluate_rows
 
     out = {}
-    for name, n in BUDGET["eval_rows"].items():
+    for name, n in budget["eval_rows"].items():
         path = DATA / ("dolly" if name == "dolly" else "self-inst") / "valid.jsonl"
         cfg = EvalConfig(
             data=str(path),
             limit=n,
-            seeds=[BUDGET["eval_seed"]],
-            max_new_tokens=BUDGET["eval_max_new_tokens"],
+            seeds=[budget["eval_seed"]],
+            max_new_tokens=budget["eval_max_new_tokens"],
             batch_size=8,
+            progress=False,
         )
         metrics, _ = evaluate_rows(model, tok, load_instruct(path, limit=n), cfg)
         out[name] = {"rougeL": metrics["rougeL_mean"], "by_length": metrics["by_length"]}
@@ -102,14 +106,16 @@ def cell(args) -> int:
     from lmsmith.distill.trainer import run
 
     tag = args.tag or args.method
-    path = RESULTS / f"{tag}-L{args.layers}-s{args.seed}.json"
+    budget = QUICK if args.budget == "quick" else BUDGET
+    results = RESULTS.with_name("kd-quick") if args.budget == "quick" else RESULTS
+    path = results / f"{tag}-L{args.layers}-s{args.seed}.json"
     if path.exists():
         print(f"skip: {path} exists")
         return 0
     t0 = time.perf_counter()
     teacher, tok = _lm()
     if args.method == "teacher":
-        result = {"eval": evaluate(teacher, tok)}
+        result = {"eval": evaluate(teacher, tok, budget)}
     else:
         start = warmup(args.layers, teacher, tok)
         student = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
@@ -118,12 +124,13 @@ def cell(args) -> int:
             values = {
                 "method": args.method,
                 "data": str(DATA / "dolly" / "dev.jsonl"),
-                "max_steps": BUDGET["steps"],
-                "batch_size": BUDGET["batch_size"],
-                "lr": BUDGET["lr"],
-                "max_new_tokens": BUDGET["max_new_tokens"],
+                "max_steps": budget["steps"],
+                "batch_size": budget["batch_size"],
+                "lr": budget["lr"],
+                "max_new_tokens": budget["max_new_tokens"],
                 "seed": args.seed,
-                "output_dir": str(WORK / f"{tag}-L{args.layers}-s{args.seed}"),
+                "progress": False,
+                "output_dir": str(WORK / f"{args.budget}-{tag}-L{args.layers}-s{args.seed}"),
             }
             for kv in args.set:
                 k, v = kv.split("=", 1)
@@ -137,13 +144,13 @@ def cell(args) -> int:
             result["train"] = summary
             result["config"] = C.to_dict(cfg)
             result["teacher_share_by_position"] = _share_by_position(metrics)
-        result["eval"] = evaluate(student, tok)
+        result["eval"] = evaluate(student, tok, budget)
     result.update(
         method=args.method,
         tag=tag,
         layers=args.layers,
         seed=args.seed,
-        budget=BUDGET,
+        budget=budget,
         wall_time_s=time.perf_counter() - t0,
     )
     from lmsmith.runs import write_json
@@ -164,7 +171,8 @@ def _share_by_position(rows: list[dict]) -> dict | None:
 
 
 def aggregate(args) -> int:
-    cells = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    folder = RESULTS.with_name("kd-quick") if args.budget == "quick" else RESULTS
+    cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not cells:
         print("no cells yet")
         return 1
@@ -173,6 +181,9 @@ def aggregate(args) -> int:
         groups.setdefault((c["tag"], c["layers"]), []).append(c)
 
     def ms(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
         m = statistics.fmean(vals)
         s = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return f"{m:.2f} ± {s:.2f}" if len(vals) > 1 else f"{m:.2f}"
@@ -186,7 +197,7 @@ def aggregate(args) -> int:
         share = [s for s in share if s is not None]
         lines.append(
             f"| {tag} | {layers} | {len(cs)} | {ms([c['eval']['dolly']['rougeL'] for c in cs])} | "
-            f"{ms([c['eval']['self-inst']['rougeL'] for c in cs])} | "
+            f"{ms([c['eval'].get('self-inst', {}).get('rougeL') for c in cs])} | "
             f"{(f'{100 * statistics.fmean(share):.1f}%' if share else '–')} |"
         )
     buckets = list(next(iter(cells))["eval"]["dolly"]["by_length"])
@@ -293,6 +304,7 @@ def main(argv=None) -> int:
     )
     a = sub.add_parser("aggregate", help="tables and plots from the stored cells")
     a.add_argument("--out", default=None, help="also write the Markdown tables here")
+    a.add_argument("--budget", choices=["full", "quick"], default="full")
     args = ap.parse_args(argv)
     return cell(args) if args.cmd == "cell" else aggregate(args)
 

@@ -8,6 +8,7 @@ Determinism: the rows of micro-batch i and the random numbers of its rollout are
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -208,9 +209,13 @@ class DistillTrainer:
         out = []
         for j in range(index * bs, (index + 1) * bs):
             epoch, k = divmod(j, n)
-            g = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
-            out.append(self.examples[int(torch.randperm(n, generator=g)[k])])
+            out.append(self.examples[self._order(epoch)[k]])
         return out
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (one trainer per run; a few epochs cached)
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
 
     # ------------------------------------------------------------------ rollouts
     def _ground_truth(self, batch: list[Example]) -> Rollout:
