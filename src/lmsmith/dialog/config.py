@@ -1,0 +1,253 @@
+"""Typed configs of the dialog retrieval commands (index, search, train-retriever, eval-retrieval).
+
+Nested blocks are addressed with dots or, where the name is unique, directly:
+``--bm25.k1 1.2`` or ``--k1 1.2``; ``--encoder PATH``; ``--reranker PATH``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from lmsmith.config import field
+
+RetrieverKind = Literal["bm25", "dense", "hybrid", "rerank"]
+
+
+def _nested(cls):
+    """A nested config block (built with its own defaults)."""
+    return dataclasses.field(default_factory=cls)
+
+
+@dataclass
+class CorpusConfig:
+    segmentation: Literal["structure", "token"] = field(
+        "structure", help="passages by document sections or by fixed token windows"
+    )
+    size: int = field(100, help="token segmentation: whitespace tokens per passage")
+    stride: int | None = field(None, help="token segmentation: step between windows (default size)")
+    max_history: int | None = field(
+        None, help="earlier dialogue turns kept in the query, most recent first (None: all)"
+    )
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.stride is not None and not 1 <= self.stride <= self.size:
+            raise ValueError(f"stride must be in [1, size={self.size}], got {self.stride}")
+        if self.max_history is not None and self.max_history < 0:
+            raise ValueError(f"max_history must be >= 0 or None, got {self.max_history}")
+
+
+@dataclass
+class BM25Config:
+    k1: float = field(1.5, help="BM25 term-frequency saturation")
+    b: float = field(0.75, help="BM25 length normalisation, in [0, 1]")
+    stopwords: bool = field(True, help="drop English stopwords before indexing")
+
+    def __post_init__(self):
+        if self.k1 < 0:
+            raise ValueError(f"k1 must be >= 0, got {self.k1}")
+        if not 0 <= self.b <= 1:
+            raise ValueError(f"b must be in [0, 1], got {self.b}")
+
+
+@dataclass
+class DenseConfig:
+    encoder: str = field("minilm-l6", help="bi-encoder: embedded alias, HF folder or Hub id")
+    max_length: int = field(256, help="passage tokens kept by the encoder")
+    query_max_length: int = field(128, help="query tokens kept (the current turn comes first)")
+    batch_size: int = field(32, help="texts encoded together")
+
+    def __post_init__(self):
+        for name in ("max_length", "query_max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class FusionConfig:
+    method: Literal["rrf", "weighted"] = field(
+        "rrf", help="reciprocal-rank fusion, or a weighted sum of min-max normalised scores"
+    )
+    rrf_k: int = field(60, help="RRF constant: score = sum 1 / (rrf_k + rank)")
+    alpha: float = field(0.5, help="weighted: weight of the dense score (1 - alpha for BM25)")
+    depth: int = field(100, help="candidates taken from each retriever before fusing")
+    sparse_query: Literal["full", "current"] = field(
+        "full", help="what BM25 sees: the whole query, or only the current turn (before [SEP])"
+    )
+
+    def __post_init__(self):
+        if self.rrf_k < 0:
+            raise ValueError(f"rrf_k must be >= 0, got {self.rrf_k}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+
+@dataclass
+class RerankConfig:
+    reranker: str = field("", help="cross-encoder: HF folder (e.g. from train-retriever) or Hub id")
+    first_stage: Literal["bm25", "dense", "hybrid"] = field(
+        "hybrid", help="retriever whose candidates are reranked"
+    )
+    rerank_depth: int = field(20, help="candidates rescored by the cross-encoder")
+    rerank_max_length: int = field(320, help="tokens of query + passage")
+    rerank_batch_size: int = field(16, help="pairs scored together")
+
+    def __post_init__(self):
+        for name in ("rerank_depth", "rerank_max_length", "rerank_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RetrieverConfig:
+    bm25: BM25Config = _nested(BM25Config)
+    dense: DenseConfig = _nested(DenseConfig)
+    fusion: FusionConfig = _nested(FusionConfig)
+    rerank: RerankConfig = _nested(RerankConfig)
+
+
+@dataclass
+class IndexConfig:
+    docs: str | None = field(
+        None, help="documents: folder (md/txt/html), MD2D doc file, DPR sample, jsonl"
+    )
+    output: str = field("", help="index folder to write (replaced atomically)")
+    retriever: RetrieverKind = field("bm25", help="which retriever to build")
+    progress: bool = field(True, help="show progress bars")
+    corpus: CorpusConfig = _nested(CorpusConfig)
+    settings: RetrieverConfig = _nested(RetrieverConfig)
+
+
+@dataclass
+class SearchConfig:
+    index: str | None = field(None, help="index folder written by `lmsmith dialog index`")
+    query: str = field("", help="the question (current turn first)")
+    k: int = field(5, help="passages returned")
+    json: str | None = field(None, help="also write the hits to this JSON file")
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+
+@dataclass
+class EvalRetrievalConfig:
+    data: str = field(
+        "", help="queries: MD2D dial file, DPR sample json, or instruction jsonl (contexts)"
+    )
+    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
+    extra_docs: list[str] = field([], help="instruction jsonl whose contexts join the corpus")
+    retriever: RetrieverKind = field("bm25", help="retriever to evaluate")
+    index: str | None = field(None, help="reuse this index folder instead of building one")
+    json: str | None = field(None, help="write the metrics here")
+    run_dir: str | None = field(None, help="also write per-query rankings here")
+    depth: int = field(100, help="passages retrieved per query (MRR cut-off)")
+    limit: int | None = field(None, help="evaluate the first N queries only")
+    progress: bool = field(True, help="show progress bars")
+    corpus: CorpusConfig = _nested(CorpusConfig)
+    settings: RetrieverConfig = _nested(RetrieverConfig)
+
+    def __post_init__(self):
+        if self.depth < 10:
+            raise ValueError(f"depth must be >= 10 (R@10 needs it), got {self.depth}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class TrainRetrieverConfig:
+    data: str = field("", help="training queries: MD2D dial file or instruction jsonl")
+    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
+    model: Literal["bi-encoder", "cross-encoder"] = field(
+        "bi-encoder", help="DPR-style bi-encoder, or a cross-encoder reranker"
+    )
+    init: str = field("minilm-l6", help="starting encoder: alias, HF folder or Hub id")
+    output: str = field("", help="folder for the trained HF model (+ metrics.jsonl)")
+    epochs: int = field(2, help="passes over the training queries")
+    batch_size: int = field(16, help="queries per step (bi-encoder: in-batch negatives)")
+    lr: float = field(2e-5, help="AdamW learning rate")
+    warmup: float = field(0.1, help="share of steps with a linear warm-up")
+    head_lr: float | None = field(
+        None, help="cross-encoder: learning rate of the new head (pooler + classifier); None: lr"
+    )
+    scale: float = field(20.0, help="bi-encoder: cosine similarities are multiplied by this")
+    hard_negatives: int = field(1, help="BM25-mined hard negatives per query")
+    neg_rank_min: int = field(5, help="hard negatives come from BM25 ranks >= this (1-based)")
+    neg_rank_max: int = field(15, help="... and <= this; the gold passage is never one")
+    max_length: int = field(256, help="passage tokens (cross-encoder: query + passage)")
+    query_max_length: int = field(128, help="bi-encoder query tokens")
+    max_queries: int | None = field(None, help="train on the first N queries only")
+    seed: int = field(0, help="random seed")
+    progress: bool = field(True, help="show progress bars")
+    corpus: CorpusConfig = _nested(CorpusConfig)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "max_length", "query_max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ValueError(f"head_lr must be > 0 or None, got {self.head_lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
+        if not 1 <= self.neg_rank_min <= self.neg_rank_max:
+            raise ValueError(
+                f"neg_rank_min/neg_rank_max must satisfy 1 <= min <= max, "
+                f"got {self.neg_rank_min}, {self.neg_rank_max}"
+            )
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"max_queries must be >= 1, got {self.max_queries}")
+
+
+# Every subcommand's config, by name. Part 2 (answer, eval, serve) adds its own here.
+COMMAND_CONFIGS: dict[str, type] = {
+    "index": IndexConfig,
+    "search": SearchConfig,
+    "eval-retrieval": EvalRetrievalConfig,
+    "train-retriever": TrainRetrieverConfig,
+}
+
+
+def _union_of(name: str, classes: list[type]) -> type:
+    """A dataclass with every field of ``classes`` (a name shared by two must have one type);
+    its ``__post_init__`` builds each class from its own fields, so their checks all run."""
+    import typing
+
+    fields: dict[str, tuple] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            if f.name in fields:
+                if fields[f.name][1] != t:
+                    raise TypeError(f"{name}: field '{f.name}' is {fields[f.name][1]} and {t}")
+                continue
+            kw = {"metadata": f.metadata}
+            if f.default is not dataclasses.MISSING:
+                kw["default"] = f.default
+            else:
+                kw["default_factory"] = f.default_factory
+            fields[f.name] = (f.name, t, dataclasses.field(**kw))
+
+    def __post_init__(self):
+        for cls in classes:
+            cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+    return dataclasses.make_dataclass(
+        name, list(fields.values()), namespace={"__post_init__": __post_init__}
+    )
+
+
+DialogConfig = _union_of("DialogConfig", list(COMMAND_CONFIGS.values()))
+DialogConfig.__doc__ = (
+    "Every key a configs/dialog preset may set: the union of the subcommands' configs "
+    "(each command parses its own class; this one validates presets as a whole)."
+)
