@@ -1,0 +1,105 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from lmsmith import config as C
+from lmsmith.cli import main
+from lmsmith.debias.config import DebiasConfig
+
+from .conftest import bbq_rows, write_jsonl
+
+ROOT = Path(__file__).parents[2]
+SMALL = [
+    "--test-limit", "4", "--search-rows", "4", "--eval-instructions", "2",
+    "--n-instances", "2", "--attr-instructions", "1", "--search-max", "12",
+    "--search-tol", "3", "--max-evals", "3", "--progress", "false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from lmsmith.models import tiny_causal_lm, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_causal_lm(seed=0).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/debias").glob("*.yaml")))
+def test_every_config_file_parses(path):
+    cfg = C.load(DebiasConfig, str(path))
+    assert isinstance(cfg, DebiasConfig)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(Exception, match="eval_instructions"):
+        C.load(DebiasConfig, None, {"eval_instructions": "0"})
+    with pytest.raises(Exception, match="methods"):
+        C.load(DebiasConfig, None, {"methods": "cc,platt"})
+    with pytest.raises(Exception, match="logprob"):
+        C.load(DebiasConfig, None, {"methods": "cc", "mode": "generate"})
+
+
+def test_run_end_to_end_on_a_tiny_model(tiny_dir, bbq_file, instruct_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(
+        ["debias", "run", "--model", str(tiny_dir), "--data", str(bbq_file),
+         "--output-dir", str(out), "--methods", "cc,dc,random", *SMALL,
+         "--retention-rows", "2", "--retention-data", str(instruct_file), "--retention-tokens", "3"]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| original |" in printed and "| CRISPR |" in printed and "| CC |" in printed
+    s = json.loads((out / "summary.json").read_text())
+    assert 0 <= s["n_pruned"] <= 12
+    for part in ("before", "after"):
+        for k in ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig", "bias_disambig"):
+            assert k in s[part]
+    assert set(s["baselines"]) == {"CC", "DC", "random units"}
+    assert s["retention_rougeL"]["n_rows"] == 2 and "retention ROUGE-L" in printed
+    units = json.loads((out / "pruned_units.json").read_text())
+    assert len(units) == s["n_pruned"]
+    assert {"module", "index", "score"} <= set(units[0]) if units else True
+    for f in ("config.json", "metrics.jsonl", "attribution.safetensors", "search.json"):
+        assert (out / f).is_file(), f
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_attribute_then_prune_fixed_n_then_eval(tiny_dir, bbq_file, tmp_path):
+    a, p, e = tmp_path / "a", tmp_path / "p", tmp_path / "e"
+    common = ["--data", str(bbq_file), *SMALL]
+    assert (
+        main(["debias", "attribute", "--model", str(tiny_dir), "--output-dir", str(a), *common])
+        == 0
+    )
+    assert (a / "attribution.safetensors").is_file()
+    assert main(["debias", "prune", "--model", str(tiny_dir), "--scores", str(a),
+                 "--n", "7", "--output-dir", str(p), *common]) == 0  # fmt: skip
+    units = json.loads((p / "pruned_units.json").read_text())
+    assert len(units) == 7
+    top = json.loads((a / "top_units.json").read_text())[:7]
+    assert [(u["module"], u["index"]) for u in units] == [(u["module"], u["index"]) for u in top]
+    assert (
+        main(["debias", "eval", "--model", str(p / "model"), "--output-dir", str(e), *common]) == 0
+    )
+    assert "accuracy" in json.loads((e / "summary.json").read_text())
+
+
+def test_user_errors_exit_2(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "dolly.jsonl"
+    bad.write_text(json.dumps({"instruction": "x", "input": "", "output": "y"}) + "\n")
+    assert main(["debias", "run", "--model", str(tiny_dir), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1" in err and "question_polarity" in err and len(err.strip().splitlines()) == 1
+
+    good = write_jsonl(tmp_path / "ok.jsonl", bbq_rows())
+    assert main(["debias", "run", "--model", "no-such-model", "--data", str(good)]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+    one = write_jsonl(tmp_path / "one.jsonl", bbq_rows(n_templates=1))
+    assert main(["debias", "run", "--model", str(tiny_dir), "--data", str(one)]) == 2
+    assert "no dev rows" in capsys.readouterr().err
+
+    assert main(["debias", "frobnicate"]) == 2
