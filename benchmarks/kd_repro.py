@@ -29,7 +29,7 @@ DATA = ROOT.parent / "shared" / "data" / "instruct"
 # The fixed budget of every cell (docs/results.md repeats it).
 BUDGET = {
     "warmup_steps": 60,  # SFT warm-up on dolly/dev, shared by every method of a student size
-    "warmup_lr": 1e-4,
+    "warmup_lr": 3e-4,
     "steps": 30,  # distillation steps per cell
     "batch_size": 8,
     "lr": 5e-5,
@@ -40,7 +40,13 @@ BUDGET = {
 }
 # A smaller budget for sweeps of one method's knobs (the SWITCH defaults): same warm-up, fewer
 # steps, shorter rollouts, a smaller Dolly subset; its cells live in their own folder.
-QUICK = {**BUDGET, "steps": 12, "max_new_tokens": 64, "eval_rows": {"dolly": 60}, "eval_max_new_tokens": 128}
+QUICK = {
+    **BUDGET,
+    "steps": 12,
+    "max_new_tokens": 64,
+    "eval_rows": {"dolly": 60},
+    "eval_max_new_tokens": 128,
+}
 METHODS = ["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "skd", "adaswitch", "switch"]
 
 
@@ -249,11 +255,11 @@ def aggregate(args) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    _plots(groups, buckets)
+    _plots(groups, buckets, "-quick" if args.budget == "quick" else "")
     return 0
 
 
-def _plots(groups, buckets) -> None:
+def _plots(groups, buckets, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,7 +277,7 @@ def _plots(groups, buckets) -> None:
     ax.set_ylabel("ROUGE-L (Dolly subset)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "kd_rouge_by_length.png", dpi=110)
+    fig.savefig(ROOT / "docs" / f"kd_rouge_by_length{suffix}.png", dpi=110)
     fig, ax = plt.subplots(figsize=(7, 4))
     for (tag, layers), cs in sorted(groups.items()):
         sp = [c["teacher_share_by_position"] for c in cs if c.get("teacher_share_by_position")]
@@ -288,7 +294,7 @@ def _plots(groups, buckets) -> None:
     ax.set_ylabel("teacher-written tokens (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "kd_intervention_by_position.png", dpi=110)
+    fig.savefig(ROOT / "docs" / f"kd_intervention_by_position{suffix}.png", dpi=110)
 
 
 def main(argv=None) -> int:
@@ -303,6 +309,7 @@ def main(argv=None) -> int:
         "--set", action="append", default=[], help="config override key=value (repeatable)"
     )
     a = sub.add_parser("aggregate", help="tables and plots from the stored cells")
+    c.add_argument("--budget", choices=["full", "quick"], default="full")
     a.add_argument("--out", default=None, help="also write the Markdown tables here")
     a.add_argument("--budget", choices=["full", "quick"], default="full")
     args = ap.parse_args(argv)

@@ -15,7 +15,13 @@ import time
 from pathlib import Path
 
 from lmsmith import config as C
-from lmsmith.data.instruct import InstructExample, build_prompt, builtin_prompts, load_instruct, save_instruct
+from lmsmith.data.instruct import (
+    InstructExample,
+    build_prompt,
+    builtin_prompts,
+    load_instruct,
+    save_instruct,
+)
 from lmsmith.distill.config import DistillConfig
 from lmsmith.evaluate import generate
 from lmsmith.metrics.rouge import rouge_l
@@ -25,7 +31,9 @@ from lmsmith.runs import make_run_dir, write_json
 TEACHER = "smollm2-135m-instruct"
 
 
-def teacher_references(teacher, tok, rows: list[InstructExample], max_new: int) -> list[InstructExample]:
+def teacher_references(
+    teacher, tok, rows: list[InstructExample], max_new: int
+) -> list[InstructExample]:
     """The teacher's greedy answers as references, cached in $LMSMITH_HOME (written once)."""
     key = hashlib.sha256(
         json.dumps([TEACHER, max_new, [(r.instruction, r.input) for r in rows]]).encode()
@@ -34,9 +42,13 @@ def teacher_references(teacher, tok, rows: list[InstructExample], max_new: int) 
     if path.exists():
         return load_instruct(path)
     prompts = [build_prompt(r, tok, chat_template=True) for r in rows]
-    answers = generate(teacher, tok, prompts, max_new_tokens=max_new, greedy=True, batch_size=8, progress=True)
-    out = [InstructExample(r.instruction, r.input, [a or "(no answer)"], None, r.source, r.category)
-           for r, a in zip(rows, answers)]
+    answers = generate(
+        teacher, tok, prompts, max_new_tokens=max_new, greedy=True, batch_size=8, progress=True
+    )
+    out = [
+        InstructExample(r.instruction, r.input, [a or "(no answer)"], None, r.source, r.category)
+        for r, a in zip(rows, answers)
+    ]
     save_instruct(out, path)
     return load_instruct(path)
 
@@ -60,7 +72,9 @@ def main(argv: list[str]) -> int:
     print(f"[1/5] loading the teacher ({TEACHER}) and a {args.layers}-layer student")
     teacher, tok = load_lm(TEACHER)
     rows = builtin_prompts()
-    print(f"[2/5] teacher-written references for {len(rows)} built-in prompts (cached after the first run)")
+    print(
+        f"[2/5] teacher-written references for {len(rows)} built-in prompts (cached after the first run)"
+    )
     refs = teacher_references(teacher, tok, rows, args.max_new_tokens)
     eval_rows = refs[::5]  # every fifth prompt is held out
     train_rows = [r for i, r in enumerate(refs) if i % 5]
@@ -71,22 +85,37 @@ def main(argv: list[str]) -> int:
     teacher_score = score(teacher, tok, eval_rows, args.max_new_tokens)
 
     def cfg(method: str, steps: int, out: Path, lr: float) -> DistillConfig:
-        return C.load(DistillConfig, None, {
-            "method": method, "data": str(run / "train.jsonl"), "chat_template": True,
-            "max_steps": steps, "batch_size": 8, "lr": lr, "max_new_tokens": args.max_new_tokens,
-            "output_dir": str(out), "precision": "bf16", "seed": 0, "tau0": 0.15, "decay": 0.05,
-        })
+        return C.load(
+            DistillConfig,
+            None,
+            {
+                "method": method,
+                "data": str(run / "train.jsonl"),
+                "chat_template": True,
+                "max_steps": steps,
+                "batch_size": 8,
+                "lr": lr,
+                "max_new_tokens": args.max_new_tokens,
+                "output_dir": str(out),
+                "precision": "bf16",
+                "seed": 0,
+                "tau0": 0.15,
+                "decay": 0.05,
+            },
+        )
 
     from lmsmith.distill.trainer import run as distill
 
     print(f"[3/5] SFT warm-up: {args.warmup_steps} steps")
-    distill(cfg("sft", args.warmup_steps, run / "warmup", 1e-4), teacher, student, tok)
+    distill(cfg("sft", args.warmup_steps, run / "warmup", 3e-4), teacher, student, tok)
     warm = score(student, tok, eval_rows, args.max_new_tokens)
     print(f"[4/5] SWITCH: {args.switch_steps} steps (the teacher steps in where JSD > tau_t)")
     s = distill(cfg("switch", args.switch_steps, run / "switch", 5e-5), teacher, student, tok)
     after = score(student, tok, eval_rows, args.max_new_tokens)
-    print("[5/5] results (greedy decoding, ROUGE-L x100 against teacher references, "
-          f"{len(eval_rows)} held-out built-in prompts)\n")
+    print(
+        "[5/5] results (greedy decoding, ROUGE-L x100 against teacher references, "
+        f"{len(eval_rows)} held-out built-in prompts)\n"
+    )
     table = [
         ("teacher (30 layers)", teacher_score, "–"),
         (f"student before ({args.layers} layers)", before, "–"),
@@ -96,11 +125,19 @@ def main(argv: list[str]) -> int:
     print("| model | ROUGE-L | teacher-written tokens |\n|---|---|---|")
     for name, v, share in table:
         print(f"| {name} | {v:.2f} | {share} |")
-    summary = {"teacher": teacher_score, "student_before": before, "student_warmup": warm,
-               "student_after": after, "teacher_token_share": s["teacher_token_share"],
-               "eval_rows": len(eval_rows), "wall_time_s": time.perf_counter() - t0}
+    summary = {
+        "teacher": teacher_score,
+        "student_before": before,
+        "student_warmup": warm,
+        "student_after": after,
+        "teacher_token_share": s["teacher_token_share"],
+        "eval_rows": len(eval_rows),
+        "wall_time_s": time.perf_counter() - t0,
+    }
     write_json(run / "summary.json", summary)
-    print(f"\nwritten: {run}/ (summary.json; warmup/ and switch/ with config.json, metrics.jsonl, "
-          f"summary.json and the student)\nstudent after SWITCH: {s['student_dir']}")
+    print(
+        f"\nwritten: {run}/ (summary.json; warmup/ and switch/ with config.json, metrics.jsonl, "
+        f"summary.json and the student)\nstudent after SWITCH: {s['student_dir']}"
+    )
     print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min")
     return 0
