@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 test: setup
+	sh scripts/install-chromium.sh
 	$(PY) -m pytest -q
 
 demo: setup

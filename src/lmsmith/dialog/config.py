@@ -207,12 +207,180 @@ class TrainRetrieverConfig:
             raise ValueError(f"max_queries must be >= 1, got {self.max_queries}")
 
 
+@dataclass
+class GenConfig:
+    generator: str = field(
+        "smollm2-135m-instruct", help="reply model: alias, HF folder (causal or seq2seq) or Hub id"
+    )
+    max_new_tokens: int = field(64, help="reply tokens generated (greedy)")
+    max_prompt_tokens: int = field(1024, help="prompts are cut to their last N tokens")
+    gen_batch_size: int = field(4, help="prompts generated together")
+    passage_words: int = field(120, help="words of each passage put in the prompt")
+    max_turns: int = field(4, help="earlier dialogue turns put in the prompt")
+
+    def __post_init__(self):
+        for name in (
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "gen_batch_size",
+            "passage_words",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_turns < 0:
+            raise ValueError(f"max_turns must be >= 0, got {self.max_turns}")
+
+
+@dataclass
+class GroundConfig:
+    grounder: Literal["reader", "sentence", "lm", "none"] = field(
+        "sentence",
+        help="span picker: trained extractive reader, query-overlap sentence, the generator "
+        "itself (multi-task models), or none",
+    )
+    reader: str = field("", help="reader folder (from train-reader); needed by grounder=reader")
+    reader_max_length: int = field(256, help="reader tokens of query + passage")
+    max_answer_tokens: int = field(64, help="longest span the reader may pick, in tokens")
+
+    def __post_init__(self):
+        if self.grounder == "reader" and not self.reader:
+            raise ValueError("reader must name a reader folder when grounder is 'reader'")
+        for name in ("reader_max_length", "max_answer_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class AnswerConfig:
+    index: str | None = field(None, help="index folder written by `lmsmith dialog index`")
+    query: str = field("", help="the user's message")
+    history: list[str] = field(
+        [], help="earlier turns, oldest first, alternating user/agent (comma-separated)"
+    )
+    k: int = field(3, help="passages retrieved and put in the prompt")
+    json: str | None = field(None, help="also write the answer to this JSON file")
+    progress: bool = field(False, help="show progress bars")
+    gen: GenConfig = _nested(GenConfig)
+    grounding: GroundConfig = _nested(GroundConfig)
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+
+@dataclass
+class DialogEvalConfig:
+    data: str = field("", help="MD2D dial file, or instruction jsonl (rows with a context)")
+    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
+    extra_docs: list[str] = field([], help="instruction jsonl whose contexts join the corpus")
+    retriever: RetrieverKind = field("bm25", help="retriever built over the corpus")
+    no_retrieval: bool = field(False, help="baseline: no documents in the prompt at all")
+    index: str | None = field(None, help="reuse this index folder instead of building one")
+    k: int = field(3, help="passages retrieved and put in the prompt")
+    limit: int | None = field(None, help="evaluate the first N turns only")
+    json: str | None = field(None, help="write the metrics here")
+    run_dir: str | None = field(None, help="also write config, metrics and predictions here")
+    progress: bool = field(True, help="show progress bars")
+    corpus: CorpusConfig = _nested(CorpusConfig)
+    settings: RetrieverConfig = _nested(RetrieverConfig)
+    gen: GenConfig = _nested(GenConfig)
+    grounding: GroundConfig = _nested(GroundConfig)
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.no_retrieval and self.grounding.grounder != "none":
+            raise ValueError("grounder must be 'none' when no_retrieval is set (nothing to ground)")
+
+
+@dataclass
+class TrainGeneratorConfig:
+    data: str = field("", help="training turns: MD2D dial file or instruction jsonl")
+    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
+    output: str = field("", help="folder for the merged HF model (+ metrics.jsonl)")
+    multitask: bool = field(
+        False, help="also train grounding-span copying in the same model (else reply only)"
+    )
+    steps: int = field(40, help="optimizer steps")
+    batch_size: int = field(4, help="sequences per step")
+    lr: float = field(2e-4, help="AdamW learning rate of the LoRA weights")
+    lora_rank: int = field(16, help="LoRA rank (alpha = 2 x rank)")
+    max_total_tokens: int = field(896, help="prompt + target tokens kept")
+    gradient_checkpointing: bool = field(True, help="recompute activations: far less memory")
+    limit: int | None = field(None, help="train on the first N turns only")
+    seed: int = field(0, help="random seed")
+    progress: bool = field(True, help="show progress bars")
+    corpus: CorpusConfig = _nested(CorpusConfig)
+    gen: GenConfig = _nested(GenConfig)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "lora_rank", "max_total_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class TrainReaderConfig:
+    data: str = field("", help="training turns: MD2D dial file or instruction jsonl")
+    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
+    init: str = field("minilm-l6", help="starting encoder: alias, HF folder or Hub id")
+    output: str = field("", help="folder for the trained reader (HF QA model)")
+    epochs: int = field(2, help="passes over the training turns")
+    batch_size: int = field(8, help="examples per step")
+    lr: float = field(5e-5, help="AdamW learning rate")
+    max_length: int = field(256, help="tokens of query + passage")
+    limit: int | None = field(None, help="train on the first N turns only")
+    seed: int = field(0, help="random seed")
+    progress: bool = field(True, help="show progress bars")
+    corpus: CorpusConfig = _nested(CorpusConfig)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class ServeConfig:
+    index: str | None = field(None, help="index folder written by `lmsmith dialog index`")
+    host: str = field("127.0.0.1", help="address to listen on (0.0.0.0 exposes it)")
+    port: int = field(8000, help="TCP port (0: any free port)")
+    k: int = field(3, help="passages retrieved and cited per reply")
+    max_body_bytes: int = field(16384, help="largest request body accepted (else 413)")
+    max_message_chars: int = field(2000, help="longest message accepted (else 413)")
+    max_conversations: int = field(1000, help="conversations kept in memory (oldest dropped)")
+    gen: GenConfig = _nested(GenConfig)
+    grounding: GroundConfig = _nested(GroundConfig)
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("k", "max_body_bytes", "max_message_chars", "max_conversations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 # Every subcommand's config, by name. Part 2 (answer, eval, serve) adds its own here.
 COMMAND_CONFIGS: dict[str, type] = {
     "index": IndexConfig,
     "search": SearchConfig,
     "eval-retrieval": EvalRetrievalConfig,
     "train-retriever": TrainRetrieverConfig,
+    "train-reader": TrainReaderConfig,
+    "train-generator": TrainGeneratorConfig,
+    "answer": AnswerConfig,
+    "eval": DialogEvalConfig,
+    "serve": ServeConfig,
 }
 
 

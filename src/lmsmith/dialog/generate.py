@@ -1,0 +1,281 @@
+"""Reply generation conditioned on the dialogue and the grounded passages; LoRA fine-tuning.
+
+Prompt (one user message in the model's chat template when it has one, else plain text)::
+
+    Documents:
+    [1] title: body (first ``passage_words`` words)
+    ...
+    Grounding: the span the reply should rest on      (when a grounder gave one)
+
+    Dialogue:
+    User: ...  /  Agent: ...  (oldest first)
+    User: <current turn>
+
+    Reply to the user's last message using the documents. Be brief.
+
+Two tasks share the format and differ in the last line: ``reply`` (target: the agent's reply)
+and ``ground`` (target: the grounding span, copied from the documents). Multi-task training
+mixes both in one model, as Jang et al.'s system does; at answer time the same model can ground
+first (task ``ground``) and then reply with its span in the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+TASK_LINES = {
+    "reply": "Reply to the user's last message using the documents. Be brief.",
+    "ground": "Copy the sentence of the documents that answers the user's last message.",
+}
+NO_DOCS_LINE = "Reply to the user's last message. Be brief."
+
+
+@dataclass
+class DialogExample:
+    """One turn to answer: the dialogue so far, passages, and the targets when known."""
+
+    current: str
+    history: list[tuple[str, str]] = field(default_factory=list)  # most recent first
+    passages: list = field(default_factory=list)  # objects with .text (best first)
+    grounding: str = ""  # span put in the reply prompt
+    reply: str = ""  # target reply (training)
+    target_grounding: str = ""  # target span (training, task "ground")
+
+
+def _clip_words(text: str, n: int) -> str:
+    words = text.split()
+    return " ".join(words[:n]) + (" ..." if len(words) > n else "")
+
+
+def prompt_text(
+    ex: DialogExample, task: str = "reply", passage_words: int = 120, max_history: int = 4
+) -> str:
+    """The user message of the prompt (before any chat template)."""
+    if task not in TASK_LINES:
+        raise ValueError(f"task must be one of {list(TASK_LINES)}, got {task!r}")
+    parts = []
+    if ex.passages:
+        docs = []
+        for i, p in enumerate(ex.passages, start=1):
+            title, sep, body = p.text.partition(" // ")
+            text = f"{title}: {body}" if sep else p.text
+            docs.append(f"[{i}] {_clip_words(text, passage_words)}")
+        parts.append("Documents:\n" + "\n".join(docs))
+    if ex.grounding and task == "reply":
+        parts.append(f"Grounding: {ex.grounding.strip()}")
+    turns = list(reversed(ex.history[:max_history]))
+    lines = [f"{'User' if r == 'user' else 'Agent'}: {u.strip()}" for r, u in turns]
+    lines.append(f"User: {ex.current.strip()}")
+    parts.append("Dialogue:\n" + "\n".join(lines))
+    parts.append(TASK_LINES[task] if ex.passages or task == "ground" else NO_DOCS_LINE)
+    return "\n\n".join(parts)
+
+
+def build_prompt(tokenizer, ex: DialogExample, task: str = "reply", **kw) -> str:
+    """The full text the model continues: the chat template when the tokenizer has one."""
+    text = prompt_text(ex, task, **kw)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text + "\n\nAnswer:"
+
+
+def load_generator(spec: str):
+    """(model, tokenizer, is_seq2seq): a causal LM by default; encoder-decoders load too."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from lmsmith.errors import UserError
+    from lmsmith.models import load_lm, resolve
+
+    path = resolve(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load generator '{spec}': {e}") from e
+    if getattr(cfg, "is_encoder_decoder", False):
+        model = AutoModelForSeq2SeqLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        return model.eval(), tok, True
+    model, tok = load_lm(spec)
+    return model.eval(), tok, False
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 4,
+    max_prompt_tokens: int = 1024,
+    seq2seq: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (causal: left padding, prompt cut to its last
+    ``max_prompt_tokens`` tokens; seq2seq: the encoder reads the prompt)."""
+    from lmsmith.evaluate import generate
+
+    if not seq2seq:
+        return generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            greedy=True,
+            batch_size=batch_size,
+            max_prompt_tokens=max_prompt_tokens,
+            progress=progress,
+        )
+    out: list[str] = []
+    dev = next(model.parameters()).device
+    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate"):
+        enc = tokenizer(
+            prompts[i : i + batch_size],
+            truncation=True,
+            max_length=max_prompt_tokens,
+            padding=True,
+            return_tensors="pt",
+        ).to(dev)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        out += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+
+def training_pairs(
+    tokenizer, examples: list[DialogExample], multitask: bool, **prompt_kw
+) -> list[tuple[str, str]]:
+    """(prompt, target) pairs: every reply; with ``multitask`` also every grounding span."""
+    pairs = [(build_prompt(tokenizer, x, "reply", **prompt_kw), x.reply) for x in examples]
+    if multitask:
+        pairs += [
+            (build_prompt(tokenizer, x, "ground", **prompt_kw), x.target_grounding)
+            for x in examples
+            if x.target_grounding.strip()
+        ]
+    return pairs
+
+
+def _batch(tokenizer, pairs, max_prompt: int, max_total: int):
+    """Right-padded causal batch, labels -100 on prompt and padding. Shapes (B, T)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    seqs, labels = [], []
+    for p, y in pairs:
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt:]
+        y_ids = (tokenizer(y, add_special_tokens=False)["input_ids"] + eos)[
+            : max(1, max_total - len(p_ids))
+        ]
+        seqs.append(p_ids + y_ids)
+        labels.append([-100] * len(p_ids) + y_ids)
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(lb)] = torch.tensor(lb)
+        att[i, : len(s)] = 1
+    return ids, att, lab
+
+
+def lora_wrap(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05):
+    """A peft LoRA wrapper on the attention and MLP projections (whatever exists)."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    wanted = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = [n for n in wanted if n in names] or "all-linear"
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    return get_peft_model(model, cfg)
+
+
+def train_generator(
+    model,
+    tokenizer,
+    examples: list[DialogExample],
+    multitask: bool = False,
+    steps: int = 40,
+    batch_size: int = 4,
+    lr: float = 2e-4,
+    lora_rank: int = 16,
+    max_prompt_tokens: int = 768,
+    max_total_tokens: int = 896,
+    seed: int = 0,
+    progress: bool = True,
+    sink=None,
+    prompt_kw: dict | None = None,
+    gradient_checkpointing: bool = True,
+):
+    """LoRA fine-tuning of a causal LM on replies (and grounding spans when ``multitask``).
+
+    Returns (merged plain model, summary). The LoRA weights are merged so the output is an
+    ordinary Hugging Face checkpoint.
+    """
+    pairs = training_pairs(tokenizer, examples, multitask, **(prompt_kw or {}))
+    if not pairs:
+        raise ValueError("train_generator needs at least one example")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        # recompute activations in the backward pass: a 135M LM on 4 x 640 tokens otherwise
+        # needs > 11 GB, mostly activations (LoRA's own state is small)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = lora_wrap(model, rank=lora_rank, alpha=2 * lora_rank)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    dev = next(peft_model.parameters()).device
+    order: list[int] = []
+    losses, t0 = [], time.perf_counter()
+    for step in tqdm(range(1, steps + 1), desc="train generator", disable=not progress):
+        if len(order) < batch_size:
+            more = list(range(len(pairs)))
+            rng.shuffle(more)
+            order += more
+        idx, order = order[:batch_size], order[batch_size:]
+        ids, att, lab = _batch(
+            tokenizer, [pairs[i] for i in idx], max_prompt_tokens, max_total_tokens
+        )
+        loss = peft_model(
+            input_ids=ids.to(dev), attention_mask=att.to(dev), labels=lab.to(dev)
+        ).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if sink is not None:
+            sink.log(step=step, loss=losses[-1], lr=sched.get_last_lr()[0])
+    merged = peft_model.merge_and_unload().eval()
+    summary = {
+        "steps": steps,
+        "n_pairs": len(pairs),
+        "n_examples": len(examples),
+        "multitask": multitask,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "mean_loss_first_10": sum(losses[:10]) / len(losses[:10]),
+        "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
+        "train_time_s": round(time.perf_counter() - t0, 2),
+    }
+    return merged, summary

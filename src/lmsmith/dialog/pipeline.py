@@ -1,0 +1,256 @@
+"""retrieve → ground → generate, for one turn (:class:`Pipeline`) or a whole set (:func:`evaluate`).
+
+Evaluation sets:
+
+- a MultiDoc2Dial dial file (+ its doc file): every agent turn with references; the grounding
+  reference is the text of the turn's referenced spans, in document order, joined by spaces;
+  the reply reference is the agent's utterance;
+- an instruction jsonl (dolly): the rows with a context; the grounding and the reply are both
+  scored against the reference answer (the data has no span labels).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from lmsmith.dialog.generate import DialogExample, build_prompt, generate_texts
+from lmsmith.dialog.ground import Grounding, sentence_ground
+from lmsmith.metrics.qa import reply_scores, squad_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalItem:
+    qid: str
+    current: str
+    history: list[tuple[str, str]]
+    grounding_refs: list[str]
+    reply_refs: list[str]
+    gold_pids: list[str] = field(default_factory=list)
+    gold_passages: list = field(default_factory=list)  # the gold passage objects (training)
+
+
+def md2d_items(dial_file, doc_file, passages) -> list[EvalItem]:
+    """Items of a MultiDoc2Dial split; ``passages`` map references to gold passage ids."""
+    from lmsmith.data.md2d import build_instances, load_dialogues, load_docs
+    from lmsmith.dialog.corpus import gold_passages
+
+    docs = load_docs(doc_file)
+    by_doc: dict[str, list] = {}
+    for p in passages:
+        by_doc.setdefault(p.doc_id, []).append(p)
+    by_pid = {p.pid: p for p in passages}
+    out = []
+    for inst in build_instances(load_dialogues(dial_file)):
+        spans = []
+        for ref in inst.references:
+            doc = docs.get(ref.doc_id)
+            sp = next((s for s in doc.spans if s.id_sp == ref.id_sp), None) if doc else None
+            if sp is not None and sp not in spans:
+                spans.append(sp)
+        spans.sort(key=lambda s: s.start)
+        span_text = " ".join(" ".join(s.text.split()) for s in spans)
+        gold = gold_passages(inst, by_doc)
+        out.append(
+            EvalItem(
+                inst.qid,
+                inst.current,
+                inst.history,
+                [span_text] if span_text else [inst.response],
+                [inst.response],
+                gold,
+                [by_pid[g] for g in gold],
+            )
+        )
+    return out
+
+
+def instruct_items(path) -> list[EvalItem]:
+    """Items of an instruction jsonl: rows with a context (``input``) only."""
+    from pathlib import Path
+
+    from lmsmith.data.instruct import load_instruct
+    from lmsmith.dialog.corpus import Passage, context_id
+
+    out = []
+    for i, row in enumerate(load_instruct(path)):
+        ctx = " ".join(row.input.split())
+        if not ctx:
+            continue
+        pid = context_id(ctx)
+        out.append(
+            EvalItem(
+                f"{Path(path).stem}-{i}",
+                row.instruction.strip(),
+                [],
+                list(row.references),
+                list(row.references),
+                [pid],
+                [Passage(pid, ctx, doc_id=pid)],
+            )
+        )
+    return out
+
+
+class Pipeline:
+    """One turn: retrieve ``k`` passages, ground a span, generate the reply.
+
+    ``retriever`` None: no documents in the prompt. ``grounder``: "reader" (needs ``reader``),
+    "sentence", "lm" (the generator copies a span: multi-task models) or "none".
+    """
+
+    def __init__(
+        self,
+        retriever,
+        model,
+        tokenizer,
+        grounder: str = "sentence",
+        reader=None,
+        k: int = 3,
+        seq2seq: bool = False,
+        max_new_tokens: int = 64,
+        max_prompt_tokens: int = 1024,
+        batch_size: int = 4,
+        prompt_kw: dict | None = None,
+    ):
+        if grounder == "reader" and reader is None:
+            raise ValueError("grounder 'reader' needs a reader model")
+        if grounder not in ("reader", "sentence", "lm", "none"):
+            raise ValueError(f"grounder must be reader|sentence|lm|none, got {grounder!r}")
+        self.retriever, self.model, self.tokenizer = retriever, model, tokenizer
+        self.grounder, self.reader, self.k, self.seq2seq = grounder, reader, k, seq2seq
+        self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
+        self.batch_size, self.prompt_kw = batch_size, prompt_kw or {}
+
+    def query(self, current: str, history: list[tuple[str, str]]) -> str:
+        from lmsmith.data.md2d import format_query
+
+        return format_query(current, history)
+
+    def retrieve(self, queries: list[str]) -> list[list]:
+        if self.retriever is None:
+            return [[] for _ in queries]
+        by_pid = {p.pid: p for p in self.retriever.passages}
+        out = []
+        for hits in self.retriever.search_batch(queries, self.k):
+            out.append([(by_pid[h.pid], h.score) for h in hits])
+        return out
+
+    def _gen(self, prompts: list[str], progress: bool = False) -> list[str]:
+        return generate_texts(
+            self.model,
+            self.tokenizer,
+            prompts,
+            self.max_new_tokens,
+            self.batch_size,
+            self.max_prompt_tokens,
+            self.seq2seq,
+            progress,
+        )
+
+    def ground(
+        self, queries: list[str], examples: list[DialogExample], progress: bool = False
+    ) -> list[Grounding | None]:
+        if self.grounder == "none":
+            return [None] * len(queries)
+        if self.grounder == "lm":
+            texts = self._gen(
+                [build_prompt(self.tokenizer, x, "ground", **self.prompt_kw) for x in examples],
+                progress,
+            )
+            return [
+                Grounding(x.passages[0].pid if x.passages else "", t, -1, -1, 0.0)
+                for x, t in zip(examples, texts)
+            ]
+        out = []
+        for q, x in tqdm(
+            list(zip(queries, examples)), desc="ground", disable=not progress, leave=False
+        ):
+            if self.grounder == "reader":
+                out.append(self.reader.ground(q, x.passages))
+            else:
+                out.append(sentence_ground(q, x.passages))
+        return out
+
+    def run(
+        self, turns: list[tuple[str, list[tuple[str, str]]]], progress: bool = False
+    ) -> list[dict]:
+        """Answer a batch of ``(current, history)`` turns (history most recent first)."""
+        queries = [self.query(c, h) for c, h in turns]
+        retrieved = self.retrieve(queries)
+        examples = [
+            DialogExample(c, list(h), [p for p, _ in r]) for (c, h), r in zip(turns, retrieved)
+        ]
+        groundings = self.ground(queries, examples, progress)
+        for x, g in zip(examples, groundings):
+            x.grounding = g.text if g is not None else ""
+        replies = self._gen(
+            [build_prompt(self.tokenizer, x, "reply", **self.prompt_kw) for x in examples],
+            progress,
+        )
+        out = []
+        for r, g, reply in zip(retrieved, groundings, replies):
+            out.append(
+                {
+                    "reply": reply,
+                    "grounding": None
+                    if g is None
+                    else {"passage_id": g.pid, "text": g.text, "score": g.score},
+                    "citations": [
+                        {"passage_id": p.pid, "title": p.title, "text": p.text, "score": s}
+                        for p, s in r
+                    ],
+                }
+            )
+        return out
+
+    def answer(self, message: str, history: list[tuple[str, str]] | None = None) -> dict:
+        return self.run([(message, list(history or []))])[0]
+
+
+def evaluate(pipe: Pipeline, items: list[EvalItem], progress: bool = True) -> tuple[dict, list]:
+    """Run the pipeline on ``items``; grounding EM/F1 and reply F1/SacreBLEU/ROUGE-L."""
+    t0 = time.perf_counter()
+    results = pipe.run([(it.current, it.history) for it in items], progress)
+    wall = time.perf_counter() - t0
+    replies = [r["reply"] for r in results]
+    rs = reply_scores(replies, [it.reply_refs for it in items])
+    metrics = {
+        "n": len(items),
+        "reply_f1": rs["f1"],
+        "reply_sacrebleu": rs["sacrebleu"],
+        "reply_rougeL": rs["rougeL"],
+        "reply_sum_no_meteor": rs["sum_no_meteor"],
+        "wall_time_s": round(wall, 2),
+    }
+    if pipe.grounder != "none":
+        g = squad_scores(
+            [r["grounding"]["text"] if r["grounding"] else "" for r in results],
+            [it.grounding_refs for it in items],
+        )
+        metrics["grounding_em"], metrics["grounding_f1"] = g["em"], g["f1"]
+    if pipe.retriever is not None:
+        hit = [
+            any(c["passage_id"] in it.gold_pids for c in r["citations"])
+            for r, it in zip(results, items)
+        ]
+        metrics[f"retrieval_r@{pipe.k}"] = 100.0 * sum(hit) / len(hit)
+    rows = [
+        {
+            "qid": it.qid,
+            "current": it.current,
+            "reply": r["reply"],
+            "reply_refs": it.reply_refs,
+            "grounding": r["grounding"]["text"] if r["grounding"] else None,
+            "grounding_refs": it.grounding_refs,
+            "citations": [c["passage_id"] for c in r["citations"]],
+            "gold": it.gold_pids,
+        }
+        for r, it in zip(results, items)
+    ]
+    return metrics, rows
