@@ -317,8 +317,8 @@ def main(argv=None) -> int:
         "--steps", type=int, default=5, help="timed training steps after one warm-up step"
     )
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--tau0", type=float, default=0.15)
-    ap.add_argument("--decay", type=float, default=0.1)
+    ap.add_argument("--tau0", type=float, default=0.6)
+    ap.add_argument("--decay", type=float, default=0.02)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument(

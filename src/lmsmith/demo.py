@@ -62,8 +62,8 @@ def score(model, tok, rows: list[InstructExample], max_new: int) -> float:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lmsmith demo", description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=10, help="student layers (of 30)")
-    ap.add_argument("--warmup-steps", type=int, default=40)
-    ap.add_argument("--switch-steps", type=int, default=20)
+    ap.add_argument("--warmup-steps", type=int, default=30)
+    ap.add_argument("--switch-steps", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args(argv)
@@ -99,8 +99,8 @@ def main(argv: list[str]) -> int:
                 "output_dir": str(out),
                 "precision": "bf16",
                 "seed": 0,
-                "tau0": 0.15,
-                "decay": 0.05,
+                "tau0": 0.6,
+                "decay": 0.02,
             },
         )
 

@@ -379,14 +379,17 @@ def switch_rollout(
         n_valid = n_valid + kept
         pos = pos + kept
         if adaptive:
-            accepted_runs.append(float(kept[kept > 0].float().mean()) if (kept > 0).any() else 1.0)
+            # The batch loops until its slowest row is done, so the block follows the shortest
+            # run among rows still writing: a longer draft would only be thrown away there.
+            going = (kept > 0) & ~done
+            accepted_runs.append(float(kept[going].min()) if going.any() else float(k))
             k = _next_block(accepted_runs, k, max_block)
     out.stats = {"student_forwards": n_s, "teacher_forwards": n_t, "blocks": blocks}
     return out
 
 
 def _next_block(runs: list[float], k: int, max_block: int) -> int:
-    """Grow the block while whole blocks are kept; shrink to the recent mean run otherwise."""
+    """Grow the block while whole blocks are kept; shrink to the recent mean shortest run otherwise."""
     recent = runs[-4:]
     mean_run = sum(recent) / len(recent)
     if mean_run >= k - 0.5:
