@@ -8,7 +8,6 @@ this schema loads unchanged; every problem is reported with the file, line and f
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -16,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmsmith.data.jsonl import read_jsonl
 from lmsmith.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -153,20 +153,9 @@ def load_bbq(
         paths = [p for p in str(paths).split(",") if p.strip()]
     rows: list[BBQExample] = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(path, None, None, "no such file")
         n0 = len(rows)
-        with path.open(encoding="utf-8") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        path, lineno, None, f"not valid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                rows.append(parse_row(obj, path, lineno))
+        for lineno, obj in read_jsonl(path):
+            rows.append(parse_row(obj, path, lineno))
         if len(rows) == n0:
             raise DataError(path, None, None, "contains no rows")
     if categories:

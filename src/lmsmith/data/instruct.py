@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from lmsmith.data.jsonl import read_jsonl
 from lmsmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -87,22 +88,11 @@ def load_instruct(
 ) -> list[InstructExample]:
     """Read an instruction jsonl file; a bad row raises DataError naming file, line and field."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, None, "no such file")
     rows: list[InstructExample] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    path, lineno, None, f"not valid JSON ({e.msg} at column {e.colno})"
-                ) from None
-            rows.append(parse_row(obj, path, lineno, need_output))
-            if limit is not None and len(rows) >= limit:
-                break
+    for lineno, obj in read_jsonl(path):
+        rows.append(parse_row(obj, path, lineno, need_output))
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise DataError(path, None, None, "contains no rows")
     return rows
