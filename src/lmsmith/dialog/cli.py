@@ -381,31 +381,17 @@ def _training_examples(items):
 
 def _save_model_dir(model, tokenizer, output: str, extra: dict) -> None:
     """save_pretrained into a temporary sibling, then rename into place."""
-    import os
     import shutil
-    import tempfile
 
-    from lmsmith.runs import write_json
+    from lmsmith.runs import atomic_dir, write_json
 
     final = Path(output)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if (final / "metrics.jsonl").is_file():
             shutil.copy(final / "metrics.jsonl", tmp / "metrics.jsonl")
         write_json(tmp / "summary.json", extra)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def cmd_train_generator(argv: list[str]) -> int:

@@ -17,10 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from lmsmith.dialog.config import (
 )
 from lmsmith.dialog.corpus import Passage, load_passages, save_passages
 from lmsmith.errors import UserError
+from lmsmith.runs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -556,21 +554,8 @@ def save_index(r: _Base, folder) -> None:
     """Write the index to a temporary sibling folder, then rename it over ``folder``."""
     if not r.passages:
         raise UserError("nothing to save: index some passages first")
-    final = Path(folder)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         _write_into(r, tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_index(folder):
