@@ -233,7 +233,12 @@ def count_params(model: nn.Module) -> int:
 
 
 def tiny_causal_lm(
-    vocab_size: int = 100, hidden: int = 32, layers: int = 2, seed: int = 0, heads: int = 4
+    vocab_size: int = 100,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    heads: int = 4,
+    kv_heads: int | None = None,
 ):
     """A small random Llama for tests, built in-process (no files, no network)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -245,7 +250,7 @@ def tiny_causal_lm(
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,

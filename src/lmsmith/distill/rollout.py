@@ -1,10 +1,16 @@
 """Rollouts: who writes the response tokens of each training sequence.
 
-All policies share one set of random numbers: ``noise.student[b, t]`` and ``noise.teacher[b, t]``,
-uniforms drawn up front for every row ``b`` and response position ``t``. A token is drawn from a
-distribution by inverse CDF with the uniform of its position, so the result does not depend on
-the order in which positions are computed. That is what lets the draft-and-verify SWITCH rollout
-equal the naive token-by-token loop, token for token.
+All policies share one source of random numbers: for every row ``b``, response position ``t`` and
+stream (student, teacher), ``Noise`` derives a vector of Gumbel noise over the vocabulary from a
+hash of (seed, stream, row, t). A token is the argmax of logits/T plus that noise (the Gumbel-max
+trick: an exact sample of softmax(logits/T)), so the result does not depend on the order in which
+positions are computed, nor on which other rows share the batch. That is what lets the
+draft-and-verify SWITCH rollout equal the naive token-by-token loop, token for token.
+
+Gumbel-max rather than inverse-CDF sampling: a draw by inverse CDF flips to the neighbouring token
+whenever the uniform falls within the rounding error of a CDF boundary, and over a 49k vocabulary
+the cumulated rounding of a one-token forward against a block forward (~1e-6) made the two loops
+disagree within a few hundred tokens of SmolLM2. An argmax flips only on a near tie.
 
 Draft and verify (``switch_rollout``). Both caches hold the same slots. A block starts with each
 row's *pending* token (accepted, not yet fed). The student feeds ``[pending, d0 .. d(k-2)]`` one
@@ -18,27 +24,56 @@ returned for the loss: no second teacher pass.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from lmsmith.distill.decode import decoder
 from lmsmith.distill.losses import token_jsd
 
 Schedule = Literal["constant", "linear", "exponential"]
 
 
+_STREAMS = {"student": 1, "teacher": 2}
+
+
+def _mix(*xs: int) -> int:
+    """splitmix64 over a tuple of integers: a seed per (run seed, stream, row, position)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h
+
+
 @dataclass
 class Noise:
-    """Uniform random numbers per (row, response position), for student and teacher draws."""
+    """Gumbel noise per (row, response position, stream), derived on demand from a seed.
 
-    student: torch.Tensor  # (B, N)
-    teacher: torch.Tensor  # (B, N)
+    ``rows`` are the global ids of the batch rows (``select`` keeps a subset with their noise).
+    """
+
+    seed: int
+    rows: tuple[int, ...]
 
     @classmethod
     def draw(cls, batch: int, max_new: int, seed: int) -> Noise:
-        g = torch.Generator().manual_seed(seed)
-        return cls(torch.rand(batch, max_new, generator=g), torch.rand(batch, max_new, generator=g))
+        return cls(seed, tuple(range(batch)))
+
+    def select(self, idx: list[int]) -> Noise:
+        return Noise(self.seed, tuple(self.rows[i] for i in idx))
+
+    def gumbel(self, stream: str, pos: torch.Tensor, vocab: int) -> torch.Tensor:
+        """(B, V) Gumbel(0, 1) noise for row b at response position pos[b]."""
+        g, out = torch.Generator(), torch.empty(len(self.rows), vocab)
+        for b, (row, t) in enumerate(zip(self.rows, pos.tolist())):
+            g.manual_seed(_mix(self.seed, _STREAMS[stream], row, t))
+            torch.rand(vocab, generator=g, out=out[b])
+        # u in [0, 1): u = 0 gives -inf (never drawn), u < 1 keeps the noise finite
+        return out.log_().neg_().log_().neg_().to(pos.device)
 
 
 @dataclass
@@ -79,19 +114,20 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, greedy: bool = False):
-    """One token per row by inverse CDF. logits (B, V), u (B,) in [0, 1) → (B,) long."""
+def draw(
+    logits: torch.Tensor,
+    noise: Noise,
+    stream: str,
+    pos: torch.Tensor,
+    temperature: float = 1.0,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """One token per row: argmax(logits / T + Gumbel noise of (row, pos[b])). logits (B, V),
+    pos (B,) → (B,) long; ``greedy`` takes the plain argmax."""
     if greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    cdf = probs.cumsum(-1)  # (B, V)
-    idx = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    return idx.clamp_max(logits.shape[-1] - 1)
-
-
-def _at(u: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """u[b, pos[b]] with positions past the end clamped (those are never kept)."""
-    return u.gather(1, pos.clamp_max(u.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    g = noise.gumbel(stream, pos, logits.shape[-1])
+    return (logits.float() / temperature + g).argmax(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,8 +200,8 @@ class AdaSwitchRule:
 
 
 def _forward(model, ids, attn, pos_ids, cache, keep: int = 0):
-    """One cached forward; ``keep`` > 0 computes the LM head on the last ``keep`` columns only
-    (a prefill needs one: the vocabulary projection of every prompt token is wasted work)."""
+    """One forward through the model's own HF path and dynamic cache (the reference loop's);
+    ``keep`` > 0 computes the LM head on the last ``keep`` columns only."""
     out = model(
         input_ids=ids,
         attention_mask=attn,
@@ -183,24 +219,30 @@ def sample_rollout(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new: int,
-    u: torch.Tensor,
+    noise: Noise,
     eos_id: int,
     pad_id: int,
     temperature: float = 1.0,
     greedy: bool = False,
+    lean: bool = True,
+    stream: str = "student",
+    dtype: torch.dtype | None = None,
+    weights=None,
 ) -> Rollout:
-    """One model writes every token (student: on-policy; teacher: SeqKD). KV cache, EOS aware."""
-    B = prompt_ids.shape[0]
+    """One model writes every token (student: on-policy; teacher: SeqKD, ``stream="teacher"``).
+    KV cache, EOS aware; ``lean`` decodes through decode.LeanDecoder where the model allows it,
+    in ``dtype`` (default: the model's), with ``weights`` prepared beforehand if given."""
+    B, P = prompt_ids.shape
+    dec = decoder(model, B, P + max_new, lean, dtype, weights)
     attn = prompt_mask.clone()
     pos_ids = (attn.cumsum(-1) - 1).clamp_min(0)
-    logits, cache = _forward(model, prompt_ids, attn, pos_ids, None, keep=1)
-    nxt = logits[:, -1]
+    nxt = dec(prompt_ids, attn, pos_ids, keep=1)[:, -1]
     n_valid = attn.sum(-1)
     tokens = torch.full((B, max_new), pad_id, dtype=torch.long)
     mask = torch.zeros((B, max_new), dtype=torch.bool)
     done = torch.zeros(B, dtype=torch.bool)
     for t in range(max_new):
-        tok = draw(nxt, u[:, t], temperature, greedy)
+        tok = draw(nxt, noise, stream, torch.full((B,), t), temperature, greedy)
         live = ~done
         tokens[live, t] = tok[live]
         mask[live, t] = True
@@ -209,9 +251,8 @@ def sample_rollout(
             break
         attn = torch.cat([attn, (~done).long().unsqueeze(1)], 1)
         feed = torch.where(done, torch.full_like(tok, pad_id), tok).unsqueeze(1)
-        logits, cache = _forward(model, feed, attn, n_valid.unsqueeze(1), cache)
+        nxt = dec(feed, attn, n_valid.unsqueeze(1))[:, -1]
         n_valid = n_valid + (~done).long()
-        nxt = logits[:, -1]
     return Rollout(
         prompt_ids,
         prompt_mask,
@@ -253,10 +294,9 @@ def naive_switch_rollout(
     for t in range(max_new):
         live = ~done
         div = token_jsd(lt, ls)
-        s_tok = draw(ls, noise.student[:, t], temperature)
+        s_tok = draw(ls, noise, "student", pos, temperature)
         inter = rule.intervene(pos, div, s_tok, lt) & live
-        t_tok = draw(lt, noise.teacher[:, t], temperature, teacher_greedy)
-        tok = torch.where(inter, t_tok, s_tok)
+        tok = _take_teacher(lt, s_tok, inter, noise, pos, temperature, teacher_greedy)
         _record(out, live, pos, tok, inter, div, lt)
         rule.accept(live, pos, div, inter)
         done = done | (live & (tok == eos_id))
@@ -271,6 +311,18 @@ def naive_switch_rollout(
         n_valid = n_valid + (~done).long()
     out.stats = {"student_forwards": max_new, "teacher_forwards": max_new}
     return out
+
+
+def _take_teacher(t_logits, draft, inter, noise, pos, temperature, greedy) -> torch.Tensor:
+    """The draft, with the teacher's own draw where it intervenes (drawn for those rows only)."""
+    if not inter.any():
+        return draft
+    rows = torch.nonzero(inter).flatten()
+    tok = draft.clone()
+    tok[rows] = draw(
+        t_logits[rows], noise.select(rows.tolist()), "teacher", pos[rows], temperature, greedy
+    )
+    return tok
 
 
 def _empty(prompt_ids, prompt_mask, B, max_new, pad_id, vocab: int) -> Rollout:
@@ -314,61 +366,70 @@ def switch_rollout(
     keep_teacher_logits: bool = True,
     adaptive: bool = False,
     max_block: int = 8,
+    lean: bool = True,
+    dtype: torch.dtype | None = None,
+    teacher_weights=None,
 ) -> Rollout:
     """Draft-and-verify rollout for any intervention rule (SWITCH, SKD, AdaSwitch).
 
     Equal, token for token, to ``naive_switch_rollout`` under the same ``noise``. With
-    ``adaptive`` the block size follows the run length of accepted drafts seen so far.
+    ``adaptive`` the block size follows the run length of accepted drafts seen so far. ``lean``
+    decodes through decode.LeanDecoder where the models allow it, in ``dtype`` (default: the
+    models'), with the frozen teacher's ``teacher_weights`` prepared once by the caller.
     """
     B, P = prompt_ids.shape
     fed = prompt_mask[:, :-1].clone()  # (B, L) validity of the slots fed so far
-    s_cache = t_cache = None
+    s_dec = decoder(student, B, P + 2 * max_new, lean, dtype)
+    t_dec = decoder(teacher, B, P + 2 * max_new, lean, dtype, teacher_weights)
     if P > 1:
         pos_ids = (fed.cumsum(-1) - 1).clamp_min(0)
-        _, s_cache = _forward(student, prompt_ids[:, :-1], fed, pos_ids, None, keep=1)
-        _, t_cache = _forward(teacher, prompt_ids[:, :-1], fed, pos_ids, None, keep=1)
+        s_dec(prompt_ids[:, :-1], fed, pos_ids, keep=1)
+        t_dec(prompt_ids[:, :-1], fed, pos_ids, keep=1)
     pending = prompt_ids[:, -1].clone()  # (B,)
     n_valid = fed.sum(-1)  # position id of the pending token
     pos = torch.zeros(B, dtype=torch.long)  # response tokens kept per row
     done = torch.zeros(B, dtype=torch.bool)
     vocab = student.get_output_embeddings().weight.shape[0]
     out = _empty(prompt_ids, prompt_mask, B, max_new, pad_id, vocab if keep_teacher_logits else 0)
+    planner = BlockPlanner(block_size, max_block)
     k = block_size
     n_s = n_t = blocks = 0
-    accepted_runs: list[int] = []
     while not done.all():
         k = max(1, min(k, int((max_new - pos[~done]).max())))
+        t_start = time.perf_counter()
         # --- the student drafts k tokens, feeding [pending, d0 .. d(k-2)] one at a time
         s_logits, drafts, feed = [], [], pending
         for i in range(k):
             attn = torch.cat([fed, torch.ones(B, i + 1, dtype=fed.dtype)], 1)
-            ls, s_cache = _forward(
-                student, feed.unsqueeze(1), attn, (n_valid + i).unsqueeze(1), s_cache
-            )
+            ls = s_dec(feed.unsqueeze(1), attn, (n_valid + i).unsqueeze(1))
             s_logits.append(ls[:, -1])
-            drafts.append(draw(ls[:, -1], _at(noise.student, pos + i), temperature))
+            drafts.append(draw(ls[:, -1], noise, "student", pos + i, temperature))
             feed = drafts[-1]
             n_s += 1
+        t_drafted = time.perf_counter()
         # --- the teacher scores the same k inputs in one forward
         block_ids = torch.stack([pending] + drafts[:-1], dim=1)  # (B, k)
         attn = torch.cat([fed, torch.ones(B, k, dtype=fed.dtype)], 1)
         pos_ids = n_valid.unsqueeze(1) + torch.arange(k).unsqueeze(0)
-        lt, t_cache = _forward(teacher, block_ids, attn, pos_ids, t_cache)  # (B, k, V)
+        lt = t_dec(block_ids, attn, pos_ids)  # (B, k, V)
+        t_scored = time.perf_counter()
         n_t += 1
         blocks += 1
         # --- decide position by position; a row stops at its first intervention
         kept = torch.zeros(B, dtype=torch.long)
         live = ~done
+        decisions = accepted = 0
         for i in range(k):
             if not live.any():
                 break
             p_i = pos + i
             div = token_jsd(lt[:, i], s_logits[i])
             inter = rule.intervene(p_i, div, drafts[i], lt[:, i]) & live
-            t_tok = draw(lt[:, i], _at(noise.teacher, p_i), temperature, teacher_greedy)
-            tok = torch.where(inter, t_tok, drafts[i])
+            tok = _take_teacher(lt[:, i], drafts[i], inter, noise, p_i, temperature, teacher_greedy)
             _record(out, live, p_i, tok, inter, div, lt[:, i])
             rule.accept(live, p_i, div, inter)
+            decisions += int(live.sum())
+            accepted += int((live & ~inter).sum())
             kept = kept + live.long()
             pending = torch.where(live, tok, pending)
             finished = live & ((tok == eos_id) | (p_i + 1 >= max_new))
@@ -379,19 +440,61 @@ def switch_rollout(
         n_valid = n_valid + kept
         pos = pos + kept
         if adaptive:
-            # The batch loops until its slowest row is done, so the block follows the shortest
-            # run among rows still writing: a longer draft would only be thrown away there.
-            going = (kept > 0) & ~done
-            accepted_runs.append(float(kept[going].min()) if going.any() else float(k))
-            k = _next_block(accepted_runs, k, max_block)
+            planner.observe(k, decisions, accepted, (t_drafted - t_start) / k, t_scored - t_drafted)
+            k = planner.next()
     out.stats = {"student_forwards": n_s, "teacher_forwards": n_t, "blocks": blocks}
     return out
 
 
-def _next_block(runs: list[float], k: int, max_block: int) -> int:
-    """Grow the block while whole blocks are kept; shrink to the recent mean shortest run otherwise."""
-    recent = runs[-4:]
-    mean_run = sum(recent) / len(recent)
-    if mean_run >= k - 0.5:
-        return min(max_block, k + 1)
-    return max(1, min(max_block, math.ceil(mean_run)))
+class BlockPlanner:
+    """Chooses the draft length k that maximises the expected kept tokens per second.
+
+    A row keeps its drafts up to its first intervention, so with a per-position acceptance a it
+    keeps E(k) = 1 + a + ... + a^(k-1) tokens of a block (the last one possibly the teacher's).
+    A block costs k student steps plus one teacher forward over k slots. The planner keeps a
+    running estimate of a (from the decisions of the recent blocks) and of both costs (timed as
+    the rollout runs, so it fits the machine: on a CPU in bf16 a 4-slot teacher forward costs
+    little more than a 1-slot one, in fp32 nearly twice as much), and picks the k with the best
+    E(k) / cost(k). The tokens do not depend on k, only the speed does.
+    """
+
+    def __init__(self, k0: int, max_block: int, smoothing: float = 0.3):
+        self.k, self.max_block, self.w = max(1, k0), max_block, smoothing
+        self.acceptance: float | None = None
+        self.student_step: float | None = None
+        self.teacher: dict[int, float] = {}  # k → seconds of a k-slot teacher forward
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.w) * old + self.w * new
+
+    def observe(self, k: int, decisions: int, accepted: int, student_step: float, teacher: float):
+        if decisions:
+            self.acceptance = self._ema(self.acceptance, accepted / decisions)
+        self.student_step = self._ema(self.student_step, student_step)
+        self.teacher[k] = self._ema(self.teacher.get(k), teacher)
+
+    def teacher_cost(self, k: int) -> float:
+        """Measured where k was tried; else a line through the measured points (with one point,
+        a prior that each extra slot adds a quarter of a one-slot forward)."""
+        if k in self.teacher:
+            return self.teacher[k]
+        ks = sorted(self.teacher)
+        if len(ks) == 1:
+            return self.teacher[ks[0]] * (1 + 0.25 * (k - 1)) / (1 + 0.25 * (ks[0] - 1))
+        k1, k2 = (ks[0], ks[-1])
+        slope = max(0.0, (self.teacher[k2] - self.teacher[k1]) / (k2 - k1))
+        return (
+            self.teacher[k2] + slope * (k - k2) if k > k2 else self.teacher[k1] + slope * (k - k1)
+        )
+
+    def next(self) -> int:
+        if self.acceptance is None or self.student_step is None:
+            return self.k
+        a = min(self.acceptance, 0.999)
+
+        def rate(k: int) -> float:
+            kept = (1 - a**k) / (1 - a)
+            return kept / (k * self.student_step + max(self.teacher_cost(k), 1e-9))
+
+        self.k = max(range(1, self.max_block + 1), key=rate)
+        return self.k

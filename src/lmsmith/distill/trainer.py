@@ -30,6 +30,7 @@ from lmsmith.data.instruct import (
     tokenize_prompt,
 )
 from lmsmith.distill.config import DistillConfig
+from lmsmith.distill.decode import lean_supported, prepare_weights
 from lmsmith.distill.losses import divergence, sequence_ce
 from lmsmith.distill.rollout import (
     AdaSwitchRule,
@@ -144,6 +145,7 @@ class DistillTrainer:
         self.lam = 0.0 if cfg.policy == "adaptive" else cfg.rollout.lam
         self.best_val: float | None = None
         self.replay: list[tuple[list[int], list[int]]] = []
+        self._teacher_weights = None  # the frozen teacher's lean-decoder weights, built once
         self.metrics = MetricsSink(self.run_dir / "metrics.jsonl", truncate=not cfg.train.resume)
         if cfg.train.resume:
             self._load_checkpoint()
@@ -236,6 +238,11 @@ class DistillTrainer:
         ids, pmask = ids.to(self.device), pmask.to(self.device)
         noise = Noise.draw(len(batch), r.max_new_tokens, seed=cfg.train.seed * 1_000_003 + index)
         student = self.accelerator.unwrap_model(self.student)
+        # rollouts decode in the training precision; the frozen teacher's decode weights are
+        # prepared once, the student's at every rollout (they change every step)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        if self._teacher_weights is None and lean_supported(self.teacher):
+            self._teacher_weights = prepare_weights(self.teacher, dtype)
         policy = cfg.policy
         was_training = student.training
         student.eval()
@@ -248,10 +255,13 @@ class DistillTrainer:
                     ids,
                     pmask,
                     r.max_new_tokens,
-                    noise.teacher,
+                    noise,
                     self.eos_id,
                     self.pad_id,
                     r.temperature,
+                    stream="teacher",
+                    dtype=dtype,
+                    weights=self._teacher_weights,
                 )
             if policy == "student":
                 return sample_rollout(
@@ -259,13 +269,14 @@ class DistillTrainer:
                     ids,
                     pmask,
                     r.max_new_tokens,
-                    noise.student,
+                    noise,
                     self.eos_id,
                     self.pad_id,
                     r.temperature,
+                    dtype=dtype,
                 )
             if policy in ("mixed", "adaptive"):
-                return self._mixed(batch, index, student, noise)
+                return self._mixed(batch, index, student, noise, dtype)
             rule = {
                 "switch": lambda: SwitchRule(r.tau0, r.decay, r.schedule),
                 "skd": lambda: SKDRule(r.skd_top_k),
@@ -285,11 +296,13 @@ class DistillTrainer:
                 temperature=r.temperature,
                 teacher_greedy=r.teacher_greedy,
                 adaptive=r.adaptive_block,
+                dtype=dtype,
+                teacher_weights=self._teacher_weights,
             )
         finally:
             student.train(was_training)
 
-    def _mixed(self, batch, index, student, noise) -> Rollout:
+    def _mixed(self, batch, index, student, noise, dtype) -> Rollout:
         """GKD: each sequence is student-written with probability λ, else the reference.
         DistiLLM: the same with an adaptive λ, and student sequences partly replayed."""
         r = self.cfg.rollout
@@ -310,10 +323,11 @@ class DistillTrainer:
                 ids.to(self.device),
                 pmask.to(self.device),
                 r.max_new_tokens,
-                noise.student[fresh],
+                noise.select(fresh),
                 self.eos_id,
                 self.pad_id,
                 r.temperature,
+                dtype=dtype,
             )
             for j, i in enumerate(fresh):
                 y = gen.tokens[j][gen.mask[j]].tolist()
