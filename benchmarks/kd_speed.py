@@ -73,9 +73,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def rollout_bench(args) -> dict:
+def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
+    """The three rollouts on the same prompts and random numbers, in one precision: fp32 as
+    loaded, or bf16 (the naive loop on bf16 copies of the models through the HF forward; lmsmith's
+    lean decoder on bf16 weight copies)."""
+    import copy
+
     import torch
 
+    from lmsmith.distill.decode import lean_supported, prepare_weights
     from lmsmith.distill.rollout import (
         Noise,
         SwitchRule,
@@ -85,31 +91,25 @@ def rollout_bench(args) -> dict:
         switch_rollout,
     )
 
-    teacher, student, tok, label = _models(args)
     dev = next(student.parameters()).device
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    hf_t, hf_s = teacher, student
+    if dtype is not None:
+        hf_t, hf_s = copy.deepcopy(teacher).to(dtype), copy.deepcopy(student).to(dtype)
+    t_weights = prepare_weights(teacher, dtype) if lean_supported(teacher) else None
     _, prompts = _prompts(tok, args.prompts)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     rule = lambda: SwitchRule(args.tau0, args.decay)  # noqa: E731
     res = {"naive": [0.0, 0], "switch": [0.0, 0], "plain": [0.0, 0]}
-    equal, shares, blocks = True, [], []
+    equal, shares, blocks, agree, total = True, [], [], 0, 0
     for start in range(0, len(prompts), args.batch):
         ids, mask = left_pad(prompts[start : start + args.batch], pad)
         ids, mask = ids.to(dev), mask.to(dev)
-        noise = Noise.draw(ids.shape[0], args.max_new, seed=start)
-        noise = Noise(noise.student.to(dev), noise.teacher.to(dev))
+        noise = Noise.draw(ids.shape[0], seed=start)
         _sync()
         t0 = time.perf_counter()
         a = naive_switch_rollout(
-            student,
-            teacher,
-            ids,
-            mask,
-            rule(),
-            args.max_new,
-            noise,
-            eos,
-            pad,
-            keep_teacher_logits=True,
+            hf_s, hf_t, ids, mask, rule(), args.max_new, noise, eos, pad, keep_teacher_logits=True
         )
         _sync()
         t1 = time.perf_counter()
@@ -125,13 +125,15 @@ def rollout_bench(args) -> dict:
             pad,
             block_size=args.block,
             adaptive=True,
+            dtype=dtype,
+            teacher_weights=t_weights,
         )
         _sync()
         t2 = time.perf_counter()
-        c = sample_rollout(student, ids, mask, args.max_new, noise.student, eos, pad)
+        c = sample_rollout(student, ids, mask, args.max_new, noise, eos, pad, dtype=dtype)
         full, attn, _ = c.sequences()
         with torch.no_grad():
-            teacher(
+            hf_t(
                 input_ids=full,
                 attention_mask=attn,
                 position_ids=(attn.cumsum(-1) - 1).clamp_min(0),
@@ -139,25 +141,33 @@ def rollout_bench(args) -> dict:
             )
         _sync()
         t3 = time.perf_counter()
-        res["naive"][0] += t1 - t0
-        res["naive"][1] += int(a.mask.sum())
-        res["switch"][0] += t2 - t1
-        res["switch"][1] += int(b.mask.sum())
-        res["plain"][0] += t3 - t2
-        res["plain"][1] += int(c.mask.sum())
+        for k, (t, r) in {
+            "naive": (t1 - t0, a),
+            "switch": (t2 - t1, b),
+            "plain": (t3 - t2, c),
+        }.items():
+            res[k][0] += t
+            res[k][1] += int(r.mask.sum())
         equal &= bool(
             torch.equal(a.mask, b.mask) and torch.equal(a.tokens[a.mask], b.tokens[b.mask])
         )
+        # rows that agree token for token (when they do not, the first flip changes the rest)
+        for r in range(ids.shape[0]):
+            total += 1
+            agree += bool(
+                torch.equal(a.mask[r], b.mask[r])
+                and torch.equal(a.tokens[r][a.mask[r]], b.tokens[r][b.mask[r]])
+            )
         shares.append(b.teacher_share())
         blocks.append(b.stats)
     tps = {k: v[1] / v[0] for k, v in res.items()}
     return {
-        "student": label,
         "rollout_tokens_per_s": tps,
         "rollout_seconds": {k: v[0] for k, v in res.items()},
         "switch_vs_naive_speedup": tps["switch"] / tps["naive"],
         "switch_vs_plain_ratio": tps["switch"] / tps["plain"],
         "switch_equals_naive": equal,
+        "rows_equal": f"{agree}/{total}",
         "teacher_token_share": statistics.fmean(shares),
         "switch_forward_counts": blocks,
     }
@@ -185,7 +195,9 @@ def _step_worker(args) -> dict:
                             if not r.input
                             else f"{r.instruction}\n\n{r.input}",
                         },
-                        {"role": "assistant", "content": r.references[0]},
+                        # λ = 1: every sequence is generated, the reference is never trained on;
+                        # cut so that TRL's truncation never drops the prompt
+                        {"role": "assistant", "content": " ".join(r.references[0].split()[:32])},
                     ]
                 }
                 for r in rows
@@ -316,7 +328,18 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--steps", type=int, default=5, help="timed training steps after one warm-up step"
     )
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="bf16",
+        help="training-step precision (lmsmith rollouts decode in it too)",
+    )
+    ap.add_argument(
+        "--rollout-precisions",
+        type=lambda s: [p for p in s.split(",") if p not in ("", "none")],
+        default=["fp32", "bf16"],
+        help="precisions of the rollout comparison, comma-separated ('none': training steps only)",
+    )
     ap.add_argument("--tau0", type=float, default=0.6)
     ap.add_argument("--decay", type=float, default=0.02)
     ap.add_argument("--skip-trl", action="store_true")
@@ -342,8 +365,12 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
     print(f"machine: {machine}")
-    r = rollout_bench(args)
-    result = {"machine": machine, "config": vars(args), **r}
+    teacher, student, tok, label = _models(args)
+    per = {p: rollout_bench(args, teacher, student, tok, p) for p in args.rollout_precisions}
+    del teacher, student
+    # the headline keys are those of the training precision (the precision rollouts run in)
+    head = per.get(args.precision) or next(iter(per.values()), {})
+    result = {"machine": machine, "config": vars(args), "student": label, **head, "rollouts": per}
     if not args.skip_steps:
         steps = step_bench(args, ["switch", "gkd"] + ([] if args.skip_trl else ["trl"]))
         result["steps"] = steps
@@ -355,20 +382,25 @@ def main(argv=None) -> int:
                 steps["gkd"]["median_step_s"] / steps["trl"]["median_step_s"]
             )
     print(
-        f"\nstudent: {r['student']}; {args.prompts} prompts, batch {args.batch}, {args.max_new} new tokens, "
-        f"SWITCH τ0={args.tau0} λ={args.decay}; teacher-token share {100 * r['teacher_token_share']:.1f}%\n"
+        f"\nstudent: {label}; {args.prompts} prompts, batch {args.batch}, {args.max_new} new tokens, "
+        f"SWITCH τ0={args.tau0} λ={args.decay}\n"
     )
-    print("| rollout | tokens/s | seconds |\n|---|---|---|")
-    for k, name in [
-        ("naive", "naive token-by-token SWITCH"),
-        ("switch", "lmsmith SWITCH (draft and verify)"),
-        ("plain", "student sampling + one teacher pass"),
-    ]:
-        print(f"| {name} | {r['rollout_tokens_per_s'][k]:.1f} | {r['rollout_seconds'][k]:.1f} |")
-    print(
-        f"\nSWITCH / naive speed-up: {r['switch_vs_naive_speedup']:.2f}x; same tokens: {r['switch_equals_naive']}; "
-        f"SWITCH / plain on-policy: {r['switch_vs_plain_ratio']:.2f}x"
-    )
+    print("| rollout | precision | tokens/s | seconds |\n|---|---|---|---|")
+    for p, r in per.items():
+        for k, name in [
+            ("naive", "naive token-by-token SWITCH (HF forward, default cache)"),
+            ("switch", "lmsmith SWITCH (draft and verify, lean decoder)"),
+            ("plain", "student sampling + one teacher pass"),
+        ]:
+            print(
+                f"| {name} | {p} | {r['rollout_tokens_per_s'][k]:.1f} | {r['rollout_seconds'][k]:.1f} |"
+            )
+    for p, r in per.items():
+        print(
+            f"\n{p}: SWITCH / naive speed-up {r['switch_vs_naive_speedup']:.2f}x; same tokens: "
+            f"{r['switch_equals_naive']} (rows {r['rows_equal']}); SWITCH / plain on-policy "
+            f"{r['switch_vs_plain_ratio']:.2f}x; teacher-token share {100 * r['teacher_token_share']:.1f}%"
+        )
     if "steps" in result:
         print(f"\n| training step ({args.precision}) | median s | peak memory MB |\n|---|---|---|")
         for k, v in result["steps"].items():

@@ -8,15 +8,15 @@ from lmsmith.models import tiny_causal_lm
 PROMPTS = [[5, 9, 14, 3], [7], [11, 12, 13, 14, 15, 16, 17], [20, 21]]
 
 
-def _script(dec, ids, mask):
+def _script(dec, ids, mask, prefill_keep=0):
     """Prefill, two single steps, a 3-slot block, a masked-out block, one more step; the logits
     of every call at its valid query slots."""
     B = ids.shape[0]
     out = []
     attn = mask.clone()
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
-    logits = dec(ids, attn, pos, keep=0)
-    out.append(logits[mask.bool()])
+    logits = dec(ids, attn, pos, keep=prefill_keep)
+    out.append(logits[mask.bool()] if prefill_keep == 0 else logits[:, -1])
     n = attn.sum(-1)
     g = torch.Generator().manual_seed(0)
     for q, valid in [(1, True), (1, True), (3, True), (2, False), (1, True)]:
@@ -31,13 +31,14 @@ def _script(dec, ids, mask):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_lean_decoder_equals_hf_forward(kv_heads):
+@pytest.mark.parametrize("prefill_keep", [0, 1])  # 1: the packed (row by row) prefill
+def test_lean_decoder_equals_hf_forward(kv_heads, prefill_keep):
     model = tiny_causal_lm(layers=2, seed=3, kv_heads=kv_heads)
     assert lean_supported(model)
     ids, mask = left_pad(PROMPTS, 0)
-    ref = _script(HFDecoder(model), ids, mask)
+    ref = _script(HFDecoder(model), ids, mask, prefill_keep)
     # a small capacity forces the cache to grow on the way
-    got = _script(LeanDecoder(model, len(PROMPTS), capacity=8), ids, mask)
+    got = _script(LeanDecoder(model, len(PROMPTS), capacity=8), ids, mask, prefill_keep)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
@@ -52,11 +53,27 @@ def test_keep_returns_the_last_columns_only():
     torch.testing.assert_close(last[:, 0], full[:, -1])
 
 
+def test_bf16_weights_stay_close_to_fp32():
+    model = tiny_causal_lm(layers=2, seed=6, kv_heads=2)
+    ids, mask = left_pad(PROMPTS, 0)
+    ref = _script(HFDecoder(model), ids, mask)
+    got = _script(LeanDecoder(model, len(PROMPTS), 64, dtype=torch.bfloat16), ids, mask)
+    for a, b in zip(ref, got):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a, atol=0.05, rtol=0.05)
+
+
 def test_unsupported_models_fall_back_to_hf():
     model = tiny_causal_lm(layers=1)
     model.config.mlp_bias = True
     assert isinstance(decoder(model, 2, 8), HFDecoder)
     assert isinstance(decoder(tiny_causal_lm(layers=1), 2, 8, lean=False), HFDecoder)
+    class AdapterLinear(torch.nn.Linear):  # what peft injects in place of a projection
+        pass
+
+    lora = tiny_causal_lm(layers=1)
+    lora.model.layers[0].mlp.up_proj = AdapterLinear(32, 64, bias=False)
+    assert not lean_supported(lora)
 
 
 def test_packed_prefill_equals_the_padded_batch():

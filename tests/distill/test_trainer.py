@@ -151,7 +151,8 @@ def test_long_prompts_and_empty_data(teacher, data, tmp_path):
         run(_cfg(empty, tmp_path, "kd"), teacher, layer_pruned(teacher, [0]), tiny_tokenizer())
 
 
-def test_cli_distill_exit_codes(tmp_path, capsys):
+def test_cli_distill_exit_codes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a failed run must not leave a runs/ folder behind
     assert cli_main(["distill", "--method", "nope"]) == 2
     assert "not one of" in capsys.readouterr().err
     assert (
@@ -160,4 +161,5 @@ def test_cli_distill_exit_codes(tmp_path, capsys):
         )
         == 2
     )
+    assert not (tmp_path / "runs").exists()
     assert "Traceback" not in capsys.readouterr().err

@@ -122,7 +122,11 @@ class TrainConfig:
     grad_accum: int = field(1, help="micro-batches per optimiser step")
     max_steps: int = field(100, help="optimiser steps")
     max_grad_norm: float = field(1.0, help="gradient clipping (0 = off)")
-    precision: Literal["fp32", "bf16"] = field("bf16", help="autocast precision of forward passes")
+    precision: Literal["fp32", "bf16"] = field(
+        "bf16",
+        help="precision of forward passes (autocast) and of rollout decoding; fp32 rollouts are "
+        "token-exact against the naive loop",
+    )
     seed: int = field(0, help="seed of data order, rollouts and initialisation")
     log_every: int = field(1, help="write metrics.jsonl every N steps")
     eval_every: int = field(

@@ -47,6 +47,10 @@ def lean_supported(model) -> bool:
     rope = getattr(c, "rope_parameters", None) or {}
     return (
         type(model).__name__ == "LlamaForCausalLM"
+        # adapters injected in place (LoRA layers) would be read as their base weights
+        and all(
+            type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear)
+        )
         and c.hidden_act == "silu"
         and not getattr(c, "attention_bias", False)
         and not getattr(c, "mlp_bias", False)
@@ -69,6 +73,8 @@ class LeanDecoder:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
         p = next(model.parameters())
+        if weights is not None:  # prepared elsewhere: their dtype decides
+            dtype = weights[3].dtype
         self.dtype, self.device = dtype or p.dtype, p.device
         self.weights = weights if weights is not None else prepare_weights(model, self.dtype)
         self.layers, self.embed, self.norm, self.lm_head, self.inv_freq = self.weights
@@ -124,7 +130,8 @@ class LeanDecoder:
         slots = torch.arange(L + q, device=ids.device)
         causal = slots.unsqueeze(0) <= (L + torch.arange(q, device=ids.device)).unsqueeze(1)
         visible = attn.bool().unsqueeze(1) & causal.unsqueeze(0)  # (B, q, L+q)
-        visible[:, torch.arange(q), L + torch.arange(q)] = True
+        diag = torch.arange(q, device=ids.device)
+        visible[:, diag, L + diag] = True
         x = self._run(ids, pos_ids, visible, slice(None), L, 0)
         self.length = L + q
         h = self._rms(x if keep <= 0 else x[:, -keep:], self.norm)
@@ -145,7 +152,11 @@ class LeanDecoder:
         for b in range(B):
             first = q - int(n[b])
             if first == q:  # an empty row: its slots stay masked
-                out.append(torch.zeros(1, keep, self.lm_head.shape[0], dtype=self.dtype))
+                out.append(
+                    torch.zeros(
+                        1, keep, self.lm_head.shape[0], dtype=self.dtype, device=self.device
+                    )
+                )
                 continue
             m = q - first
             causal = torch.ones(m, m, dtype=torch.bool, device=ids.device).tril()

@@ -24,10 +24,10 @@ returned for the loss: no second teacher pass.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from lmsmith.distill.decode import decoder
@@ -60,20 +60,27 @@ class Noise:
     rows: tuple[int, ...]
 
     @classmethod
-    def draw(cls, batch: int, max_new: int, seed: int) -> Noise:
+    def draw(cls, batch: int, seed: int) -> Noise:
+        """The noise of rows 0 .. batch-1 under ``seed`` (any number of positions)."""
         return cls(seed, tuple(range(batch)))
 
     def select(self, idx: list[int]) -> Noise:
         return Noise(self.seed, tuple(self.rows[i] for i in idx))
 
     def gumbel(self, stream: str, pos: torch.Tensor, vocab: int) -> torch.Tensor:
-        """(B, V) Gumbel(0, 1) noise for row b at response position pos[b]."""
-        g, out = torch.Generator(), torch.empty(len(self.rows), vocab)
+        """(B, V) Gumbel(0, 1) noise (float32, CPU) for row b at response position pos[b].
+
+        Each vector comes from a PCG64 generator keyed by the full 64-bit hash (torch's CPU
+        generator keeps only 32 bits of a seed) and is computed in float64, so the tail of the
+        distribution is not cut at float32's 24-bit uniforms."""
+        out = np.empty((len(self.rows), vocab))
         for b, (row, t) in enumerate(zip(self.rows, pos.tolist())):
-            g.manual_seed(_mix(self.seed, _STREAMS[stream], row, t))
-            torch.rand(vocab, generator=g, out=out[b])
-        # u in [0, 1): u = 0 gives -inf (never drawn), u < 1 keeps the noise finite
-        return out.log_().neg_().log_().neg_().to(pos.device)
+            key = _mix(self.seed, _STREAMS[stream], row, t)
+            np.random.Generator(np.random.PCG64(key)).random(out=out[b])
+        # u in [0, 1): u = 0 gives -inf (never drawn); u < 1 keeps the noise finite
+        with np.errstate(divide="ignore"):
+            g = -np.log(-np.log(out))
+        return torch.from_numpy(g).float()
 
 
 @dataclass
@@ -126,7 +133,7 @@ def draw(
     pos (B,) → (B,) long; ``greedy`` takes the plain argmax."""
     if greedy:
         return logits.argmax(-1)
-    g = noise.gumbel(stream, pos, logits.shape[-1])
+    g = noise.gumbel(stream, pos, logits.shape[-1]).to(logits.device)
     return (logits.float() / temperature + g).argmax(-1)
 
 
@@ -369,12 +376,14 @@ def switch_rollout(
     lean: bool = True,
     dtype: torch.dtype | None = None,
     teacher_weights=None,
+    planner: BlockPlanner | None = None,
 ) -> Rollout:
     """Draft-and-verify rollout for any intervention rule (SWITCH, SKD, AdaSwitch).
 
-    Equal, token for token, to ``naive_switch_rollout`` under the same ``noise``. With
-    ``adaptive`` the block size follows the run length of accepted drafts seen so far. ``lean``
-    decodes through decode.LeanDecoder where the models allow it, in ``dtype`` (default: the
+    Equal, token for token, to ``naive_switch_rollout`` under the same ``noise`` (exactly in
+    fp32; in bf16 a k-slot forward rounds differently from k one-slot ones). With ``adaptive`` a
+    BlockPlanner (or the given ``planner``) picks each block's size from the acceptance seen so
+    far. ``lean`` decodes through decode.LeanDecoder where the models allow it, in ``dtype`` (default: the
     models'), with the frozen teacher's ``teacher_weights`` prepared once by the caller.
     """
     B, P = prompt_ids.shape
@@ -391,12 +400,13 @@ def switch_rollout(
     done = torch.zeros(B, dtype=torch.bool)
     vocab = student.get_output_embeddings().weight.shape[0]
     out = _empty(prompt_ids, prompt_mask, B, max_new, pad_id, vocab if keep_teacher_logits else 0)
-    planner = BlockPlanner(block_size, max_block)
+    planner = planner or BlockPlanner(
+        block_size, max_block, decode_cost(student), decode_cost(teacher)
+    )
     k = block_size
     n_s = n_t = blocks = 0
     while not done.all():
         k = max(1, min(k, int((max_new - pos[~done]).max())))
-        t_start = time.perf_counter()
         # --- the student drafts k tokens, feeding [pending, d0 .. d(k-2)] one at a time
         s_logits, drafts, feed = [], [], pending
         for i in range(k):
@@ -406,13 +416,11 @@ def switch_rollout(
             drafts.append(draw(ls[:, -1], noise, "student", pos + i, temperature))
             feed = drafts[-1]
             n_s += 1
-        t_drafted = time.perf_counter()
         # --- the teacher scores the same k inputs in one forward
         block_ids = torch.stack([pending] + drafts[:-1], dim=1)  # (B, k)
         attn = torch.cat([fed, torch.ones(B, k, dtype=fed.dtype)], 1)
         pos_ids = n_valid.unsqueeze(1) + torch.arange(k).unsqueeze(0)
         lt = t_dec(block_ids, attn, pos_ids)  # (B, k, V)
-        t_scored = time.perf_counter()
         n_t += 1
         blocks += 1
         # --- decide position by position; a row stops at its first intervention
@@ -440,61 +448,70 @@ def switch_rollout(
         n_valid = n_valid + kept
         pos = pos + kept
         if adaptive:
-            planner.observe(k, decisions, accepted, (t_drafted - t_start) / k, t_scored - t_drafted)
+            planner.observe(decisions, accepted)
             k = planner.next()
     out.stats = {"student_forwards": n_s, "teacher_forwards": n_t, "blocks": blocks}
     return out
 
 
 class BlockPlanner:
-    """Chooses the draft length k that maximises the expected kept tokens per second.
+    """Chooses the draft length k that maximises the expected kept tokens per unit of cost.
 
     A row keeps its drafts up to its first intervention, so with a per-position acceptance a it
     keeps E(k) = 1 + a + ... + a^(k-1) tokens of a block (the last one possibly the teacher's).
     A block costs k student steps plus one teacher forward over k slots. The planner keeps a
-    running estimate of a (from the decisions of the recent blocks) and of both costs (timed as
-    the rollout runs, so it fits the machine: on a CPU in bf16 a 4-slot teacher forward costs
-    little more than a 1-slot one, in fp32 nearly twice as much), and picks the k with the best
-    E(k) / cost(k). The tokens do not depend on k, only the speed does.
+    running estimate of a from the decisions of the recent blocks and picks the k with the best
+    E(k) / cost(k).
+
+    Costs are counted, not timed: a decode step costs what the model's weights weigh (it reads
+    each once: embedding lookups aside, layers plus LM head), and each extra slot of a teacher
+    forward adds ``extra_slot`` of a one-slot forward (0.15-0.3 measured on a CPU in bf16,
+    up to 0.9 in fp32; 0.25 by default). Timing would fit the machine better, but in bf16 the
+    tokens depend slightly on k (a k-slot forward rounds differently), and a timed choice would
+    make rollouts, and so ``--resume``, irreproducible.
     """
 
-    def __init__(self, k0: int, max_block: int, smoothing: float = 0.3):
+    def __init__(
+        self,
+        k0: int,
+        max_block: int,
+        student_cost: float = 1.0,
+        teacher_cost: float = 2.0,
+        extra_slot: float = 0.25,
+        smoothing: float = 0.3,
+    ):
         self.k, self.max_block, self.w = max(1, k0), max_block, smoothing
-        self.acceptance: float | None = None
-        self.student_step: float | None = None
-        self.teacher: dict[int, float] = {}  # k → seconds of a k-slot teacher forward
-
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.w) * old + self.w * new
-
-    def observe(self, k: int, decisions: int, accepted: int, student_step: float, teacher: float):
-        if decisions:
-            self.acceptance = self._ema(self.acceptance, accepted / decisions)
-        self.student_step = self._ema(self.student_step, student_step)
-        self.teacher[k] = self._ema(self.teacher.get(k), teacher)
-
-    def teacher_cost(self, k: int) -> float:
-        """Measured where k was tried; else a line through the measured points (with one point,
-        a prior that each extra slot adds a quarter of a one-slot forward)."""
-        if k in self.teacher:
-            return self.teacher[k]
-        ks = sorted(self.teacher)
-        if len(ks) == 1:
-            return self.teacher[ks[0]] * (1 + 0.25 * (k - 1)) / (1 + 0.25 * (ks[0] - 1))
-        k1, k2 = (ks[0], ks[-1])
-        slope = max(0.0, (self.teacher[k2] - self.teacher[k1]) / (k2 - k1))
-        return (
-            self.teacher[k2] + slope * (k - k2) if k > k2 else self.teacher[k1] + slope * (k - k1)
+        self.student_cost, self.teacher_cost, self.extra_slot = (
+            student_cost,
+            teacher_cost,
+            extra_slot,
         )
+        self.acceptance: float | None = None
+
+    def observe(self, decisions: int, accepted: int) -> None:
+        if decisions:
+            a = accepted / decisions
+            self.acceptance = (
+                a if self.acceptance is None else (1 - self.w) * self.acceptance + self.w * a
+            )
+
+    def cost(self, k: int) -> float:
+        return k * self.student_cost + self.teacher_cost * (1 + self.extra_slot * (k - 1))
 
     def next(self) -> int:
-        if self.acceptance is None or self.student_step is None:
+        if self.acceptance is None:
             return self.k
         a = min(self.acceptance, 0.999)
-
-        def rate(k: int) -> float:
-            kept = (1 - a**k) / (1 - a)
-            return kept / (k * self.student_step + max(self.teacher_cost(k), 1e-9))
-
-        self.k = max(range(1, self.max_block + 1), key=rate)
+        self.k = max(
+            range(1, self.max_block + 1), key=lambda k: (1 - a**k) / (1 - a) / self.cost(k)
+        )
         return self.k
+
+
+def decode_cost(model) -> float:
+    """Parameters a decode step reads (all but the input embedding, unless tied), in millions."""
+    n = sum(p.numel() for p in model.parameters())
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if emb.data_ptr() != head.data_ptr():
+        n -= emb.numel()
+    return n / 1e6

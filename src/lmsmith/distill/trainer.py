@@ -93,7 +93,6 @@ class DistillTrainer:
         random.seed(cfg.train.seed)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
-        self.run_dir = make_run_dir(cfg.train.output_dir, f"distill-{cfg.train.method}")
         teacher, student, tok = self._given
         if teacher is None:
             from lmsmith.models import load_lm
@@ -146,6 +145,8 @@ class DistillTrainer:
         self.best_val: float | None = None
         self.replay: list[tuple[list[int], list[int]]] = []
         self._teacher_weights = None  # the frozen teacher's lean-decoder weights, built once
+        # the run folder only once models and data have loaded: a bad input leaves nothing behind
+        self.run_dir = make_run_dir(cfg.train.output_dir, f"distill-{cfg.train.method}")
         self.metrics = MetricsSink(self.run_dir / "metrics.jsonl", truncate=not cfg.train.resume)
         if cfg.train.resume:
             self._load_checkpoint()
@@ -236,14 +237,15 @@ class DistillTrainer:
         cfg, r = self.cfg, self.cfg.rollout
         ids, pmask = left_pad([e.prompt for e in batch], self.pad_id)
         ids, pmask = ids.to(self.device), pmask.to(self.device)
-        noise = Noise.draw(len(batch), r.max_new_tokens, seed=cfg.train.seed * 1_000_003 + index)
+        noise = Noise.draw(len(batch), seed=cfg.train.seed * 1_000_003 + index)
         student = self.accelerator.unwrap_model(self.student)
         # rollouts decode in the training precision; the frozen teacher's decode weights are
         # prepared once, the student's at every rollout (they change every step)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
-        if self._teacher_weights is None and lean_supported(self.teacher):
-            self._teacher_weights = prepare_weights(self.teacher, dtype)
         policy = cfg.policy
+        teacher_decodes = policy in ("teacher", "switch", "skd", "adaswitch")
+        if teacher_decodes and self._teacher_weights is None and lean_supported(self.teacher):
+            self._teacher_weights = prepare_weights(self.teacher, dtype)
         was_training = student.training
         student.eval()
         try:
