@@ -17,12 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +27,7 @@ from lmsmith.dialog.config import BM25Config, TrainRetrieverConfig
 from lmsmith.dialog.corpus import Passage, Query, RetrievalSet
 from lmsmith.dialog.retrieve import BM25Retriever, CrossEncoder, embed
 from lmsmith.errors import UserError
-from lmsmith.runs import MetricsSink, write_json
+from lmsmith.runs import MetricsSink, atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +104,6 @@ def _usable(data: RetrievalSet, max_queries: int | None) -> list[Query]:
     return qs
 
 
-def _atomic_output(output: str):
-    final = Path(output)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-    def commit():
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-
-    return tmp, commit
-
-
 def train_bi_encoder(
     cfg: TrainRetrieverConfig, data: RetrievalSet, model=None, tokenizer=None
 ) -> dict:
@@ -146,8 +125,7 @@ def train_bi_encoder(
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     sched = _schedule(opt, total, cfg.warmup)
-    tmp, commit = _atomic_output(cfg.output)
-    try:
+    with atomic_dir(cfg.output) as tmp:  # a crash leaves no half-written model
         sink = MetricsSink(tmp / "metrics.jsonl")
         write_json(tmp / "train_config.json", dataclasses.asdict(cfg))
         model.train()
@@ -207,10 +185,6 @@ def train_bi_encoder(
             "train_time_s": round(time.time() - t0, 1),
         }
         write_json(tmp / "summary.json", summary)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
@@ -255,8 +229,7 @@ def train_cross_encoder(
     )
     sched = _schedule(opt, total, cfg.warmup)
     n = cfg.hard_negatives
-    tmp, commit = _atomic_output(cfg.output)
-    try:
+    with atomic_dir(cfg.output) as tmp:  # a crash leaves no half-written model
         sink = MetricsSink(tmp / "metrics.jsonl")
         write_json(tmp / "train_config.json", dataclasses.asdict(cfg))
         model.train()
@@ -306,8 +279,4 @@ def train_cross_encoder(
             "train_time_s": round(time.time() - t0, 1),
         }
         write_json(tmp / "summary.json", summary)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
