@@ -21,7 +21,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "gkd": {"policy": "mixed", "divergence": "jsd"},
     "distillm": {"policy": "adaptive", "divergence": "srkl"},
     "skd": {"policy": "skd", "divergence": "fkl"},
-    "switch": {"policy": "switch", "divergence": "fkl"},
+    "switch": {"policy": "switch", "divergence": "srkl"},
     "adaswitch": {"policy": "adaswitch", "divergence": "fkl"},
 }
 
