@@ -101,7 +101,7 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
     eos, pad = tok.eos_token_id, tok.pad_token_id
     rule = lambda: SwitchRule(args.tau0, args.decay)  # noqa: E731
     res = {"naive": [0.0, 0], "switch": [0.0, 0], "plain": [0.0, 0]}
-    equal, shares, blocks, agree, total = True, [], [], 0, 0
+    shares, blocks, agree, total = [], [], 0, 0
     for start in range(0, len(prompts), args.batch):
         ids, mask = left_pad(prompts[start : start + args.batch], pad)
         ids, mask = ids.to(dev), mask.to(dev)
@@ -148,9 +148,6 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
         }.items():
             res[k][0] += t
             res[k][1] += int(r.mask.sum())
-        equal &= bool(
-            torch.equal(a.mask, b.mask) and torch.equal(a.tokens[a.mask], b.tokens[b.mask])
-        )
         # rows that agree token for token (when they do not, the first flip changes the rest)
         for r in range(ids.shape[0]):
             total += 1
@@ -166,7 +163,7 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
         "rollout_seconds": {k: v[0] for k, v in res.items()},
         "switch_vs_naive_speedup": tps["switch"] / tps["naive"],
         "switch_vs_plain_ratio": tps["switch"] / tps["plain"],
-        "switch_equals_naive": equal,
+        "switch_equals_naive": agree == total,
         "rows_equal": f"{agree}/{total}",
         "teacher_token_share": statistics.fmean(shares),
         "switch_forward_counts": blocks,

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from lmsmith.distill.decode import decoder
+from lmsmith.distill.decode import HFDecoder, decoder
 from lmsmith.distill.losses import token_jsd
 
 Schedule = Literal["constant", "linear", "exponential"]
@@ -206,20 +206,6 @@ class AdaSwitchRule:
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(model, ids, attn, pos_ids, cache, keep: int = 0):
-    """One forward through the model's own HF path and dynamic cache (the reference loop's);
-    ``keep`` > 0 computes the LM head on the last ``keep`` columns only."""
-    out = model(
-        input_ids=ids,
-        attention_mask=attn,
-        position_ids=pos_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=keep,
-    )
-    return out.logits, out.past_key_values
-
-
 @torch.no_grad()
 def sample_rollout(
     model,
@@ -289,8 +275,10 @@ def naive_switch_rollout(
     B = prompt_ids.shape[0]
     attn = prompt_mask.clone()
     pos_ids = (attn.cumsum(-1) - 1).clamp_min(0)
-    ls, s_cache = _forward(student, prompt_ids, attn, pos_ids, None, keep=1)
-    lt, t_cache = _forward(teacher, prompt_ids, attn, pos_ids, None, keep=1)
+    # the plain HF forward with its dynamic cache: the reference a re-implementation would write
+    s_dec, t_dec = HFDecoder(student), HFDecoder(teacher)
+    ls = s_dec(prompt_ids, attn, pos_ids, keep=1)
+    lt = t_dec(prompt_ids, attn, pos_ids, keep=1)
     ls, lt = ls[:, -1], lt[:, -1]
     n_valid = attn.sum(-1)
     out = _empty(
@@ -312,8 +300,8 @@ def naive_switch_rollout(
             break
         attn = torch.cat([attn, (~done).long().unsqueeze(1)], 1)
         feed = torch.where(done, torch.full_like(tok, pad_id), tok).unsqueeze(1)
-        ls, s_cache = _forward(student, feed, attn, n_valid.unsqueeze(1), s_cache)
-        lt, t_cache = _forward(teacher, feed, attn, n_valid.unsqueeze(1), t_cache)
+        ls = s_dec(feed, attn, n_valid.unsqueeze(1))
+        lt = t_dec(feed, attn, n_valid.unsqueeze(1))
         ls, lt = ls[:, -1], lt[:, -1]
         n_valid = n_valid + (~done).long()
     out.stats = {"student_forwards": max_new, "teacher_forwards": max_new}
