@@ -68,6 +68,7 @@ def test_unsupported_models_fall_back_to_hf():
     model.config.mlp_bias = True
     assert isinstance(decoder(model, 2, 8), HFDecoder)
     assert isinstance(decoder(tiny_causal_lm(layers=1), 2, 8, lean=False), HFDecoder)
+
     class AdapterLinear(torch.nn.Linear):  # what peft injects in place of a projection
         pass
 
