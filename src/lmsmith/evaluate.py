@@ -32,6 +32,11 @@ class EvalConfig:
     temperature: float = field(1.0, help="sampling temperature")
     top_p: float = field(1.0, help="nucleus sampling mass")
     batch_size: int = field(8, help="prompts generated together")
+    engine: str = field(
+        "hf",
+        help="hf: transformers generate in fp32; lean: the distillation rollout decoder "
+        "(Gumbel-max draws, bf16 weights, Llama-family models; ~2x faster on CPU)",
+    )
     chat_template: bool = field(False, help="wrap the instruction in the model's chat template")
     output_dir: str | None = field(None, help="run folder (default runs/eval-<time>)")
     progress: bool = field(True, help="show progress bars")
@@ -47,6 +52,10 @@ class EvalConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.engine not in ("hf", "lean"):
+            raise ValueError(f"engine must be 'hf' or 'lean', got {self.engine!r}")
+        if self.engine == "lean" and self.top_p < 1:
+            raise ValueError("engine 'lean' samples from the full distribution: top_p must be 1")
         if not self.greedy and not self.seeds:
             raise ValueError("seeds must list at least one seed when sampling")
 
@@ -64,8 +73,13 @@ def generate(
     batch_size: int = 8,
     max_prompt_tokens: int = 256,
     progress: bool = False,
+    engine: str = "hf",
 ) -> list[str]:
-    """Batched generation with left padding and the KV cache; returns the decoded answers."""
+    """Batched generation with left padding and the KV cache; returns the decoded answers.
+
+    ``engine="lean"`` decodes with the distillation rollout (decode.LeanDecoder in bf16 where the
+    model is a plain Llama, else the HF forward) and Gumbel-max draws keyed by (seed, row,
+    position): the same distribution as ``hf`` sampling at top-p 1, not the same samples."""
     model.eval()
     device = next(model.parameters()).device
     ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens)[0] for p in prompts]
@@ -75,6 +89,12 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(total=len(ids), desc="generate", disable=not progress, leave=False)
+    weights = None
+    if engine == "lean":
+        from lmsmith.distill.decode import lean_supported, prepare_weights
+
+        if lean_supported(model):
+            weights = prepare_weights(model, torch.bfloat16)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(ids[i]) for i in idx)
@@ -84,7 +104,25 @@ def generate(
             input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
             attn[row, width - len(ids[i]) :] = 1
         # One seed per batch, drawn from the run's generator: reproducible and batch-local.
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        batch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        if engine == "lean":
+            out = _lean_generate(
+                model,
+                input_ids,
+                attn,
+                max_new_tokens,
+                greedy,
+                temperature,
+                batch_seed,
+                pad,
+                tokenizer.eos_token_id,
+                weights,
+            )
+            for row, i in enumerate(idx):
+                answers[i] = tokenizer.decode(out[row], skip_special_tokens=True).strip()
+            bar.update(len(idx))
+            continue
+        torch.manual_seed(batch_seed)
         kwargs = (
             dict(do_sample=False)
             if greedy
@@ -103,6 +141,29 @@ def generate(
         bar.update(len(idx))
     bar.close()
     return answers
+
+
+def _lean_generate(
+    model, input_ids, attn, max_new, greedy, temperature, seed, pad, eos, weights
+) -> list[list[int]]:
+    from lmsmith.distill.rollout import Noise, sample_rollout
+
+    dtype = torch.bfloat16 if weights is not None else None
+    gen = sample_rollout(
+        model,
+        input_ids,
+        attn,
+        max_new,
+        Noise.draw(len(input_ids), seed),
+        eos,
+        pad,
+        temperature,
+        greedy,
+        lean=weights is not None,
+        dtype=dtype,
+        weights=weights,
+    )
+    return [row[m].tolist() for row, m in zip(gen.tokens, gen.mask)]
 
 
 def evaluate_rows(
@@ -127,6 +188,7 @@ def evaluate_rows(
             cfg.batch_size,
             cfg.max_prompt_tokens,
             cfg.progress,
+            cfg.engine,
         )
         scores = [rouge_l(a, r.references) for a, r in zip(answers, rows)]
         per_seed[seed] = sum(scores) / len(scores)
@@ -148,7 +210,8 @@ def evaluate_rows(
         "model": cfg.model,
         "data": cfg.data,
         "n_rows": len(rows),
-        "decoding": "greedy" if cfg.greedy else f"sample(T={cfg.temperature}, top_p={cfg.top_p})",
+        "decoding": ("greedy" if cfg.greedy else f"sample(T={cfg.temperature}, top_p={cfg.top_p})")
+        + ("" if cfg.engine == "hf" else f", engine={cfg.engine}"),
         "seeds": seeds,
         "rougeL_mean": mean,
         "rougeL_std": std,
