@@ -264,7 +264,55 @@ def _share_by_position(rows: list[dict]) -> dict | None:
     return {k: statistics.fmean(v) for k, v in acc.items()} or None
 
 
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.fmean(xs) if xs else None
+
+
+def _ms(xs, scale: float = 1.0, digits: int = 2) -> str:
+    """'mean ± std' over seeds (std only with two or more values)."""
+    xs = [scale * x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def _pooled_by_length(cs: list[dict]) -> dict[str, tuple[float | None, int]]:
+    """ROUGE-L per reference-length bucket, both benchmarks pooled (row-weighted), mean over
+    seeds; with the number of rows in the bucket."""
+    out = {}
+    for b in _buckets(cs):
+        per_seed, n = [], 0
+        for c in cs:
+            tot = cnt = 0.0
+            for bench in c["eval"].values():
+                cell = bench["by_length"].get(b)
+                if cell and cell["n"] and not math.isnan(cell["rougeL"]):
+                    tot += cell["rougeL"] * cell["n"]
+                    cnt += cell["n"]
+            if cnt:
+                per_seed.append(tot / cnt)
+                n = int(cnt)
+        out[b] = (_mean(per_seed), n)
+    return out
+
+
+def _buckets(cs: list[dict]) -> list[str]:
+    return list(next(iter(cs[0]["eval"].values()))["by_length"])
+
+
+def _share(cs: list[dict]) -> list[float]:
+    return [
+        c["train"]["teacher_token_share"]
+        for c in cs
+        if c.get("train") and c["train"].get("teacher_token_share") is not None
+    ]
+
+
 def aggregate(args) -> int:
+    """The study's tables (Markdown) and plots from the stored cells."""
     folder = RESULTS.with_name(FOLDERS[args.budget])
     cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not cells:
@@ -273,116 +321,236 @@ def aggregate(args) -> int:
     groups: dict[tuple[str, int], list[dict]] = {}
     for c in cells:
         groups.setdefault((c["tag"], c["layers"]), []).append(c)
+    benches = list(cells[0]["eval"])
+    order = ["teacher", "warmup", *METHODS]
 
-    def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return "–"
-        m = statistics.fmean(vals)
-        s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{m:.2f} ± {s:.2f}" if len(vals) > 1 else f"{m:.2f}"
+    def key(k):
+        tag, layers = k
+        return (-layers, order.index(tag) if tag in order else len(order), tag)
 
-    lines = [
-        "| method (tag) | student layers | seeds | Dolly ROUGE-L | Self-Inst ROUGE-L | teacher-token share |",
-        "|---|---|---|---|---|---|",
+    keys = sorted(groups, key=key)
+    main = [k for k in keys if k[1] in (10, 30) and k[0] in order]
+    out = []
+
+    # 1. method x benchmark
+    out += [
+        "**Method × benchmark** (ROUGE-L ×100, mean ± std over training seeds; teacher = the "
+        "30-layer teacher itself, warmup = the SFT-warmed student every method starts from):",
+        "",
+        "| method | layers | seeds | " + " | ".join(benches) + " | teacher-written tokens | "
+        "train s/cell |",
+        "|---|---|---|" + "---|" * len(benches) + "---|---|",
     ]
-    for (tag, layers), cs in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0])):
-        share = [c["train"].get("teacher_token_share") for c in cs if c.get("train")]
-        share = [s for s in share if s is not None]
-        lines.append(
-            f"| {tag} | {layers} | {len(cs)} | {ms([c['eval']['dolly']['rougeL'] for c in cs])} | "
-            f"{ms([c['eval'].get('self-inst', {}).get('rougeL') for c in cs])} | "
-            f"{(f'{100 * statistics.fmean(share):.1f}%' if share else '–')} |"
+    for k in main + [k for k in keys if k not in main]:
+        cs = groups[k]
+        share = _share(cs)
+        wall = [c["train"]["wall_time_s"] for c in cs if c.get("train")]
+        out.append(
+            f"| {k[0]} | {k[1]} | {len(cs)} | "
+            + " | ".join(
+                _ms([c["eval"][b]["rougeL"] for c in cs if b in c["eval"]]) for b in benches
+            )
+            + f" | {_ms(share, 100, 1) + '%' if share else '–'} | "
+            + (f"{statistics.fmean(wall):.0f}" if wall else "–")
+            + " |"
         )
-    buckets = list(next(iter(cells))["eval"]["dolly"]["by_length"])
-    lines += [
+    if ("switch", 10) in groups:
+        base = [m for m in METHODS if m != "switch" and (m, 10) in groups]
+        for b in benches:
+            sw = [c["eval"][b]["rougeL"] for c in groups[("switch", 10)]]
+            if not base:
+                break
+            best = max(base, key=lambda m: _mean([c["eval"][b]["rougeL"] for c in groups[(m, 10)]]))
+            bv = [c["eval"][b]["rougeL"] for c in groups[(best, 10)]]
+            sd = [statistics.stdev(v) for v in (sw, bv) if len(v) > 1]
+            out.append(
+                f"\n{b}: SWITCH − best other method ({best}) = "
+                f"{statistics.fmean(sw) - statistics.fmean(bv):+.2f}"
+                + (f"; seed std of the two: {sd[0]:.2f} / {sd[-1]:.2f}" if sd else "")
+            )
+
+    # 2. method x reference-length bucket
+    bks = _buckets(cells)
+    pooled = {k: _pooled_by_length(groups[k]) for k in keys}
+    out += [
         "",
-        "ROUGE-L on Dolly by reference length (words), mean over seeds:",
+        "**By reference length** (words; " + " + ".join(benches) + " pooled, row-weighted; mean "
+        "over seeds; rows per bucket in the header):",
         "",
-        "| method (tag) | layers | " + " | ".join(buckets) + " |",
-        "|---|---|" + "---|" * len(buckets),
+        "| method | layers | "
+        + " | ".join(f"{b} (n={pooled[main[0] if main else keys[0]][b][1]})" for b in bks)
+        + " |",
+        "|---|---|" + "---|" * len(bks),
     ]
-    for (tag, layers), cs in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0])):
-        vals = []
-        for b in buckets:
-            xs = [c["eval"]["dolly"]["by_length"][b]["rougeL"] for c in cs]
-            xs = [x for x in xs if not math.isnan(x)]
-            vals.append(f"{statistics.fmean(xs):.2f}" if xs else "–")
-        lines.append(f"| {tag} | {layers} | " + " | ".join(vals) + " |")
-    share_rows = [
-        (k, cs) for k, cs in groups.items() if any(c.get("teacher_share_by_position") for c in cs)
-    ]
-    if share_rows:
+    for k in main + [k for k in keys if k not in main]:
+        out.append(
+            f"| {k[0]} | {k[1]} | "
+            + " | ".join("–" if pooled[k][b][0] is None else f"{pooled[k][b][0]:.2f}" for b in bks)
+            + " |"
+        )
+    if ("switch", 10) in groups:
+        base = [m for m in METHODS if m != "switch" and (m, 10) in groups]
+        if base:
+            row = []
+            for b in bks:
+                vals = [pooled[(m, 10)][b][0] for m in base if pooled[(m, 10)][b][0] is not None]
+                sw = pooled[("switch", 10)][b][0]
+                row.append("–" if sw is None or not vals else f"{sw - max(vals):+.2f}")
+            out.append("| SWITCH − best other | 10 | " + " | ".join(row) + " |")
+
+    # 3. teacher share by position
+    share_keys = [k for k in keys if any(c.get("teacher_share_by_position") for c in groups[k])]
+    if share_keys:
         pos = list(
             next(
                 c["teacher_share_by_position"]
-                for _, cs in share_rows
-                for c in cs
+                for k in share_keys
+                for c in groups[k]
                 if c.get("teacher_share_by_position")
             )
         )
-        lines += [
+        out += [
             "",
-            "Share of teacher-written tokens by response position:",
+            "**Teacher-written tokens by response position** (share of the written tokens, mean "
+            "over logged steps and seeds):",
             "",
-            "| method (tag) | layers | " + " | ".join(pos) + " |",
-            "|---|---|" + "---|" * len(pos),
+            "| method | layers | " + " | ".join(pos) + " | all |",
+            "|---|---|" + "---|" * (len(pos) + 1),
         ]
-        for (tag, layers), cs in sorted(share_rows):
-            vals = []
-            for p in pos:
-                xs = [
-                    c["teacher_share_by_position"].get(p)
-                    for c in cs
-                    if c.get("teacher_share_by_position")
-                ]
-                xs = [x for x in xs if x is not None]
-                vals.append(f"{100 * statistics.fmean(xs):.1f}%" if xs else "–")
-            lines.append(f"| {tag} | {layers} | " + " | ".join(vals) + " |")
-    text = "\n".join(lines)
+        for k in share_keys:
+            sp = [
+                c["teacher_share_by_position"]
+                for c in groups[k]
+                if c.get("teacher_share_by_position")
+            ]
+            vals = [_mean([s.get(p) for s in sp]) for p in pos]
+            out.append(
+                f"| {k[0]} | {k[1]} | "
+                + " | ".join("–" if v is None else f"{100 * v:.1f}%" for v in vals)
+                + f" | {_ms(_share(groups[k]), 100, 1)}% |"
+            )
+
+    # 4. tau-schedule ablation (seed 0 of every row, so the rows compare like with like)
+    abl = [k for k in keys if k[1] == 10 and (k[0] == "switch" or k[0] in ABLATION)]
+    if len(abl) > 1:
+        out += [
+            "",
+            "**Threshold schedule** (10-layer student, training seed 0 only for every row; "
+            "τ₀ = 0.6 nats):",
+            "",
+            "| schedule | decay | τ at position 63 | "
+            + " | ".join(benches)
+            + " | teacher-written tokens |",
+            "|---|---|---|" + "---|" * len(benches) + "---|",
+        ]
+        for k in abl:
+            c = next((c for c in groups[k] if c["seed"] == 0), None)
+            if c is None:
+                continue
+            r = c["config"]["rollout"]
+            t63 = {"constant": r["tau0"], "linear": r["tau0"] * max(0.0, 1 - r["decay"] * 63)}.get(
+                r["schedule"], r["tau0"] * math.exp(-r["decay"] * 63)
+            )
+            out.append(
+                f"| {r['schedule']} | {'–' if r['schedule'] == 'constant' else r['decay']} | "
+                f"{t63:.3f} | "
+                + " | ".join(f"{c['eval'][b]['rougeL']:.2f}" for b in benches)
+                + f" | {100 * c['train']['teacher_token_share']:.1f}% |"
+            )
+
+    # 5. two student sizes
+    sizes = sorted({k[1] for k in keys if k[1] not in (30,)}, reverse=True)
+    if len(sizes) > 1:
+        tags = [
+            t
+            for t in ("warmup", "gkd", "distillm", "switch")
+            if all((t, n) in groups for n in sizes)
+        ]
+        out += [
+            "",
+            "**Two student sizes** (" + ", ".join(benches) + " ROUGE-L, mean ± std over seeds):",
+            "",
+            "| method | " + " | ".join(f"{n} layers" for n in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for t in tags:
+            out.append(
+                f"| {t} | "
+                + " | ".join(
+                    " / ".join(
+                        _ms([c["eval"][b]["rougeL"] for c in groups[(t, n)]]) for b in benches
+                    )
+                    for n in sizes
+                )
+                + " |"
+            )
+        if "switch" in tags and len(tags) > 2:
+            row = []
+            for n in sizes:
+                parts = []
+                for b in benches:
+                    sw = _mean([c["eval"][b]["rougeL"] for c in groups[("switch", n)]])
+                    best = max(
+                        _mean([c["eval"][b]["rougeL"] for c in groups[(t, n)]])
+                        for t in tags
+                        if t not in ("switch", "warmup")
+                    )
+                    parts.append(f"{sw - best:+.2f}")
+                row.append(" / ".join(parts))
+            out.append("| SWITCH − best of GKD, DistiLLM | " + " | ".join(row) + " |")
+
+    text = "\n".join(out)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    _plots(groups, buckets, "" if args.budget == "main" else f"-{args.budget}")
+    _plots(
+        groups, main, share_keys, pooled, bks, "" if args.budget == "main" else f"-{args.budget}"
+    )
     return 0
 
 
-def _plots(groups, buckets, suffix: str = "") -> None:
+def _plots(groups, main, share_keys, pooled, bks, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (tag, layers), cs in sorted(groups.items()):
-        ys = []
-        for b in buckets:
-            xs = [c["eval"]["dolly"]["by_length"][b]["rougeL"] for c in cs]
-            xs = [x for x in xs if not math.isnan(x)]
-            ys.append(statistics.fmean(xs) if xs else float("nan"))
-        ax.plot(buckets, ys, marker="o", label=f"{tag} (L{layers})")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k in main:
+        ys = [float("nan") if pooled[k][b][0] is None else pooled[k][b][0] for b in bks]
+        style = dict(lw=2.5, color="black") if k[0] == "switch" else dict(lw=1)
+        if k[0] in ("teacher", "warmup"):
+            style = dict(lw=1, ls="--")
+        ax.plot(bks, ys, marker="o", label=f"{k[0]} (L{k[1]})", **style)
     ax.set_xlabel("reference length (words)")
-    ax.set_ylabel("ROUGE-L (Dolly subset)")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("ROUGE-L (mean over seeds)")
+    ax.set_title("ROUGE-L by reference length, Dolly + Self-Instruct subsets")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / f"kd_rouge_by_length{suffix}.png", dpi=110)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (tag, layers), cs in sorted(groups.items()):
-        sp = [c["teacher_share_by_position"] for c in cs if c.get("teacher_share_by_position")]
-        if not sp:
-            continue
+    plt.close(fig)
+    if not share_keys:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k in share_keys:
+        sp = [
+            c["teacher_share_by_position"] for c in groups[k] if c.get("teacher_share_by_position")
+        ]
         keys = list(sp[0])
+        ys = [_mean([s.get(p) for s in sp]) for p in keys]
         ax.plot(
             keys,
-            [100 * statistics.fmean([s[k] for s in sp if k in s]) for k in keys],
+            [100 * y if y is not None else float("nan") for y in ys],
             marker="o",
-            label=f"{tag} (L{layers})",
+            label=f"{k[0]} (L{k[1]})",
         )
-    ax.set_xlabel("response position")
+    ax.set_xlabel("response position (tokens)")
     ax.set_ylabel("teacher-written tokens (%)")
-    ax.legend(fontsize=7)
+    ax.set_title("Intervention rate by position")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / f"kd_intervention_by_position{suffix}.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
