@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "kd"
 WORK = ROOT / "runs" / "kd"
+DOCS = ROOT / "docs"  # where aggregate writes the plots
 DATA = ROOT.parent / "shared" / "data" / "instruct"
 
 # The fixed budget of every cell of the study (docs/results.md repeats it). The issue asked for
@@ -535,7 +536,7 @@ def _plots(groups, main, share_keys, pooled, bks, suffix: str = "") -> None:
     ax.set_title("ROUGE-L by reference length, Dolly + Self-Instruct subsets")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / f"kd_rouge_by_length{suffix}.png", dpi=110)
+    fig.savefig(DOCS / f"kd_rouge_by_length{suffix}.png", dpi=110)
     plt.close(fig)
     if not share_keys:
         return
@@ -557,7 +558,7 @@ def _plots(groups, main, share_keys, pooled, bks, suffix: str = "") -> None:
     ax.set_title("Intervention rate by position")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / f"kd_intervention_by_position{suffix}.png", dpi=110)
+    fig.savefig(DOCS / f"kd_intervention_by_position{suffix}.png", dpi=110)
     plt.close(fig)
 
 
