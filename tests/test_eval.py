@@ -45,7 +45,7 @@ def test_eval_config_validates():
         EvalConfig(engine="lean", top_p=0.9)
 
 
-def test_lean_engine_is_seeded_and_pads_like_the_hf_engine(tiny):
+def test_lean_engine_is_seeded_and_left_padding_safe(tiny):
     model, tok = tiny
     prompts = ["ab", "a much longer prompt", "xyz"]
     a = generate(model, tok, prompts, max_new_tokens=6, seed=1, batch_size=2, engine="lean")
@@ -56,6 +56,21 @@ def test_lean_engine_is_seeded_and_pads_like_the_hf_engine(tiny):
     batched = generate(model, tok, prompts, max_new_tokens=5, greedy=True, engine="lean")
     alone = [generate(model, tok, [p], 5, greedy=True, engine="lean")[0] for p in prompts]
     assert batched == alone
+
+
+def test_lean_engine_without_the_lean_decoder_writes_what_hf_writes(tiny, monkeypatch):
+    """A model the lean decoder does not cover falls back to the HF forward in its own dtype:
+    greedy answers then equal HF generate's exactly, EOS and padding included."""
+    import lmsmith.distill.decode as decode
+
+    model, tok = tiny
+    monkeypatch.setattr(decode, "lean_supported", lambda m: False)
+    prompts = ["hello there", "x", "a much longer prompt here"]
+    hf = generate(model, tok, prompts, max_new_tokens=8, greedy=True, batch_size=2)
+    lean = generate(model, tok, prompts, 8, greedy=True, batch_size=2, engine="lean")
+    assert lean == hf
+    with pytest.raises(ValueError, match="engine"):
+        generate(model, tok, prompts, 4, engine="vllm")
 
 
 def test_lean_engine_reports_itself(tiny, instruct_file):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -32,10 +33,11 @@ class EvalConfig:
     temperature: float = field(1.0, help="sampling temperature")
     top_p: float = field(1.0, help="nucleus sampling mass")
     batch_size: int = field(8, help="prompts generated together")
-    engine: str = field(
+    engine: Literal["hf", "lean"] = field(
         "hf",
-        help="hf: transformers generate in fp32; lean: the distillation rollout decoder "
-        "(Gumbel-max draws, bf16 weights, Llama-family models; ~2x faster on CPU)",
+        help="hf: transformers generate in the model's dtype; lean: the distillation rollout "
+        "decoder (Gumbel-max draws; bf16 weight copies for plain Llama models, else the HF "
+        "forward; top-p 1 only; ~2.4x faster on CPU)",
     )
     chat_template: bool = field(False, help="wrap the instruction in the model's chat template")
     output_dir: str | None = field(None, help="run folder (default runs/eval-<time>)")
@@ -52,12 +54,16 @@ class EvalConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.engine not in ("hf", "lean"):
-            raise ValueError(f"engine must be 'hf' or 'lean', got {self.engine!r}")
-        if self.engine == "lean" and self.top_p < 1:
-            raise ValueError("engine 'lean' samples from the full distribution: top_p must be 1")
+        _check_engine(self.engine, self.top_p)
         if not self.greedy and not self.seeds:
             raise ValueError("seeds must list at least one seed when sampling")
+
+
+def _check_engine(engine: str, top_p: float) -> None:
+    if engine not in ("hf", "lean"):
+        raise ValueError(f"engine must be 'hf' or 'lean', got {engine!r}")
+    if engine == "lean" and top_p < 1:
+        raise ValueError("engine 'lean' samples from the full distribution: top_p must be 1")
 
 
 @torch.no_grad()
@@ -79,7 +85,9 @@ def generate(
 
     ``engine="lean"`` decodes with the distillation rollout (decode.LeanDecoder in bf16 where the
     model is a plain Llama, else the HF forward) and Gumbel-max draws keyed by (seed, row,
-    position): the same distribution as ``hf`` sampling at top-p 1, not the same samples."""
+    position): the distribution of ``hf`` sampling at top-p 1 (up to bf16 rounding of the
+    weights), not the same samples."""
+    _check_engine(engine, top_p)
     model.eval()
     device = next(model.parameters()).device
     ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens)[0] for p in prompts]
@@ -108,8 +116,8 @@ def generate(
         if engine == "lean":
             out = _lean_generate(
                 model,
-                input_ids,
-                attn,
+                input_ids.to(device),
+                attn.to(device),
                 max_new_tokens,
                 greedy,
                 temperature,

@@ -35,7 +35,7 @@ def test_grid_covers_the_done_when(kd):
     assert all(i > last_main for i, c in enumerate(cells) if c.get("--tag") and c["--seed"] != "0")
 
 
-def _cell(tag, layers, seed, dolly, share=None):
+def _cell(tag, layers, seed, dolly, share=None, rollout=None, self_inst=None):
     by_len = {"<=16": {"n": 3, "rougeL": dolly - 1}, ">128": {"n": 1, "rougeL": dolly + 3}}
     c = {
         "tag": tag,
@@ -44,14 +44,17 @@ def _cell(tag, layers, seed, dolly, share=None):
         "seed": seed,
         "eval": {"dolly": {"rougeL": dolly, "by_length": by_len}},
     }
+    if self_inst is not None:
+        c["eval"]["self-inst"] = {"rougeL": self_inst, "by_length": {}}
     if share is not None:
         c["train"] = {"teacher_token_share": share, "wall_time_s": 10.0}
         c["teacher_share_by_position"] = {"0-15": share / 2, "16-31": share}
-        c["config"] = {"rollout": {"schedule": "exponential", "tau0": 0.6, "decay": 0.02}}
+        r = {"schedule": "exponential", "tau0": 0.6, "decay": 0.02, "max_new_tokens": 64}
+        c["config"] = {"rollout": {**r, **(rollout or {})}}
     return c
 
 
-def test_aggregate_means_margins_and_plots(kd, tmp_path, capsys):
+def test_aggregate_means_margins_and_plots(kd, tmp_path):
     kd.RESULTS.mkdir(parents=True)
     rows = [_cell("switch", 10, s, v, 0.4) for s, v in enumerate([8.0, 9.0, 10.0])]
     rows += [_cell("gkd", 10, s, v, 0.0) for s, v in enumerate([7.0, 7.5, 8.0])]
@@ -61,13 +64,37 @@ def test_aggregate_means_margins_and_plots(kd, tmp_path, capsys):
     text = (tmp_path / "t.md").read_text()
     sd = statistics.stdev([8.0, 9.0, 10.0])
     assert f"| switch | 10 | 3 | 9.00 ± {sd:.2f} |" in text
-    assert "SWITCH − best other method (gkd) = +1.50" in text
+    assert "SWITCH − best other method (gkd) = +1.50; seed std: SWITCH 1.00, gkd 0.50" in text
     # pooled buckets: (dolly - 1) in <=16, (dolly + 3) in >128; the margin row follows
     assert "| switch | 10 | 8.00 | 12.00 |" in text
-    assert "| SWITCH − best other | 10 | +1.50 | +1.50 |" in text
+    assert "| +1.50 (gkd) | +1.50 (gkd) |" in text
     assert "| switch | 10 | 20.0% | 40.0% | 40.0 ± 0.0% |" in text
     assert (tmp_path / "docs" / "kd_rouge_by_length.png").stat().st_size > 0
     assert (tmp_path / "docs" / "kd_intervention_by_position.png").stat().st_size > 0
+
+
+def test_aggregate_ablation_sizes_and_a_missing_benchmark(kd, tmp_path):
+    kd.RESULTS.mkdir(parents=True)
+    rows = [
+        _cell("switch", 10, 0, 9.0, 0.4, self_inst=5.0),  # the only cell with self-inst
+        _cell("switch-constant", 10, 0, 8.0, 0.2, {"schedule": "constant"}),
+        _cell("switch-linear0.01", 10, 0, 7.0, 0.3, {"schedule": "linear", "decay": 0.01}),
+        _cell("gkd", 10, 0, 8.5, 0.0),
+        _cell("switch", 5, 0, 6.0, 0.5),
+        _cell("gkd", 5, 0, 4.0, 0.0),
+    ]
+    for i, c in enumerate(rows):
+        (kd.RESULTS / f"{i}.json").write_text(json.dumps(c))
+    assert kd.main(["aggregate", "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "| gkd | 10 | 1 | 8.50 | – |" in text  # self-inst column kept, gkd has none
+    assert "self-inst: SWITCH" not in text  # no margin without a baseline on that benchmark
+    # tau at the last of 64 positions: 0.6 constant, 0.6 (1 - 0.63) linear, 0.6 e^-1.26 exp
+    assert "| constant | 0.6 | – | 0.600 (t=63) | 1 | 8.00 |" in text
+    assert "| linear | 0.6 | 0.01 | 0.222 (t=63) |" in text
+    assert "| exponential | 0.6 | 0.02 | 0.170 (t=63) |" in text
+    assert "| switch | 9.00 / 5.00 | 6.00 / – |" in text
+    assert "| SWITCH − best of gkd | +0.50 / – | +2.00 / – |" in text
 
 
 def test_aggregate_without_cells_says_so(kd, capsys):
