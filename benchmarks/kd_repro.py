@@ -531,10 +531,24 @@ def aggregate(args) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.doc:
+        _splice(Path(args.doc), f"kd_repro aggregate --budget {args.budget}", text)
     plotted = main if len(main) > 2 else keys
     suffix = "" if args.budget == "main" else f"-{args.budget}"
     _plots(groups, plotted, share_keys, pooled, bks, benches, suffix)
     return 0
+
+
+def _splice(doc: Path, name: str, text: str) -> None:
+    """Replace the block between ``<!-- NAME: begin -->`` and ``<!-- NAME: end -->`` in doc."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    body = doc.read_text()
+    if begin not in body or end not in body:
+        raise SystemExit(f"{doc}: no '{begin}' ... '{end}' block to replace")
+    head, tail = body.split(begin, 1)[0], body.split(end, 1)[1]
+    from lmsmith.runs import write_text
+
+    write_text(doc, f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def _plots(groups, main, share_keys, pooled, bks, benches, suffix: str = "") -> None:
@@ -598,6 +612,12 @@ def main(argv=None) -> int:
     a = sub.add_parser("aggregate", help="tables and plots from the stored cells")
     c.add_argument("--budget", choices=list(BUDGETS), default="main")
     a.add_argument("--out", default=None, help="also write the Markdown tables here")
+    a.add_argument(
+        "--doc",
+        default=None,
+        help="replace the tables between this budget's markers in a Markdown file "
+        "(docs/results.md)",
+    )
     a.add_argument("--budget", choices=list(BUDGETS), default="main")
     args = ap.parse_args(argv)
     return {"cell": cell, "grid": grid, "aggregate": aggregate}[args.cmd](args)

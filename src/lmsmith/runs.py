@@ -22,13 +22,18 @@ def _default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_json(path, obj) -> None:
-    """Write JSON through a temporary file and a rename: never a half-written file."""
+def write_text(path, text: str) -> None:
+    """Write through a temporary file and a rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_default, ensure_ascii=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    """Write JSON atomically (see write_text)."""
+    write_text(path, json.dumps(obj, indent=2, default=_default, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(path, rows) -> None:

@@ -97,6 +97,21 @@ def test_aggregate_ablation_sizes_and_a_missing_benchmark(kd, tmp_path):
     assert "| SWITCH − best of gkd | +0.50 / – | +2.00 / – |" in text
 
 
+def test_aggregate_replaces_only_its_block_of_a_doc(kd, tmp_path):
+    kd.RESULTS.mkdir(parents=True)
+    (kd.RESULTS / "a.json").write_text(json.dumps(_cell("gkd", 10, 0, 7.0, 0.0)))
+    doc = tmp_path / "results.md"
+    name = "kd_repro aggregate --budget main"
+    doc.write_text(f"intro\n<!-- {name}: begin -->\nold table\n<!-- {name}: end -->\nafter\n")
+    assert kd.main(["aggregate", "--doc", str(doc)]) == 0
+    body = doc.read_text()
+    assert body.startswith("intro\n") and body.endswith("-->\nafter\n")
+    assert "old table" not in body and "| gkd | 10 | 1 | 7.00 |" in body
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no '<!-- kd_repro"):
+        kd.main(["aggregate", "--doc", str(doc)])
+
+
 def test_aggregate_without_cells_says_so(kd, capsys):
     assert kd.main(["aggregate"]) == 1
     assert "no cells" in capsys.readouterr().out
