@@ -236,8 +236,11 @@ def grid(args) -> int:
     for i, c in enumerate(cells, 1):
         opts = dict(zip(c[::2], c[1::2]))
         name = f"{opts.get('--tag', opts['--method'])}-L{opts['--layers']}-s{opts.get('--seed', 0)}"
-        print(f"[{i}/{len(cells)}] {' '.join(c)}", flush=True)
-        if args.dry_run:
+        done = RESULTS.with_name(FOLDERS[args.budget]) / f"{name}.json"
+        print(
+            f"[{i}/{len(cells)}] {' '.join(c)}" + (" (done)" if done.exists() else ""), flush=True
+        )
+        if args.dry_run or done.exists():
             continue
         with open(logs / f"{name}.log", "w") as log:
             rc = subprocess.call(
