@@ -49,18 +49,13 @@ BUDGETS = {
         "eval_engine": "lean",  # bf16 rollout decoder, 2.4x faster than HF generate here
         "eval_batch_size": 16,
     },
-    "quick": {
-        **WARMUP,
-        "steps": 12,
-        "batch_size": 8,
-        "lr": 5e-5,
-        "max_new_tokens": 64,
-        "eval_rows": {"dolly": 60},
-        "eval_max_new_tokens": 128,
-        "eval_seed": 10,
-        "eval_engine": "hf",
-        "eval_batch_size": 8,
-    },
+}
+# the earlier one-seed sweep: Dolly only, scored with HF generate
+BUDGETS["quick"] = {
+    **BUDGETS["main"],
+    "eval_rows": {"dolly": 60},
+    "eval_engine": "hf",
+    "eval_batch_size": 8,
 }
 BUDGETS["long"] = {**BUDGETS["main"], "steps": 30, "max_new_tokens": 128}
 FOLDERS = {"main": "kd", "quick": "kd-quick", "long": "kd-long"}
@@ -131,8 +126,7 @@ def cell(args) -> int:
 
     tag = args.tag or args.method
     budget = BUDGETS[args.budget]
-    results = RESULTS.with_name(FOLDERS[args.budget])
-    path = results / f"{tag}-L{args.layers}-s{args.seed}.json"
+    path = _cell_path(args.budget, tag, args.layers, args.seed)
     if path.exists():
         print(f"skip: {path} exists")
         return 0
@@ -235,8 +229,13 @@ def grid(args) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     for i, c in enumerate(cells, 1):
         opts = dict(zip(c[::2], c[1::2]))
-        name = f"{opts.get('--tag', opts['--method'])}-L{opts['--layers']}-s{opts.get('--seed', 0)}"
-        done = RESULTS.with_name(FOLDERS[args.budget]) / f"{name}.json"
+        tag, layers, seed = (
+            opts.get("--tag", opts["--method"]),
+            opts["--layers"],
+            opts.get("--seed", 0),
+        )
+        done = _cell_path(args.budget, tag, layers, seed)
+        name = done.stem
         print(
             f"[{i}/{len(cells)}] {' '.join(c)}" + (" (done)" if done.exists() else ""), flush=True
         )
@@ -254,6 +253,10 @@ def grid(args) -> int:
     if failed:
         print(f"{len(failed)} cells failed:", *failed, sep="\n  ")
     return 1 if failed else 0
+
+
+def _cell_path(budget: str, tag: str, layers, seed) -> Path:
+    return RESULTS.with_name(FOLDERS[budget]) / f"{tag}-L{layers}-s{seed}.json"
 
 
 def _commit() -> str | None:
@@ -337,12 +340,13 @@ def _best_other(groups, layers: int, bench: str, among=None) -> tuple[str, float
 
 
 def _tau_at(r: dict, pos: int) -> float:
-    """SWITCH's threshold at a response position (rollout.SwitchRule.threshold)."""
-    if r["schedule"] == "constant":
-        return r["tau0"]
-    if r["schedule"] == "linear":
-        return r["tau0"] * max(0.0, 1 - r["decay"] * pos)
-    return r["tau0"] * math.exp(-r["decay"] * pos)
+    """SWITCH's threshold at a response position, from the rule the rollout uses."""
+    import torch
+
+    from lmsmith.distill.rollout import SwitchRule
+
+    rule = SwitchRule(r["tau0"], r["decay"], r["schedule"])
+    return float(rule.threshold(torch.tensor([pos]))[0])
 
 
 def aggregate(args) -> int:

@@ -113,39 +113,39 @@ def generate(
             attn[row, width - len(ids[i]) :] = 1
         # One seed per batch, drawn from the run's generator: reproducible and batch-local.
         batch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        input_ids, attn = input_ids.to(device), attn.to(device)
+        eos = tokenizer.eos_token_id
         if engine == "lean":
-            out = _lean_generate(
+            written = _lean_generate(
                 model,
-                input_ids.to(device),
-                attn.to(device),
+                input_ids,
+                attn,
                 max_new_tokens,
                 greedy,
                 temperature,
                 batch_seed,
                 pad,
-                tokenizer.eos_token_id,
+                eos,
                 weights,
             )
-            for row, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[row], skip_special_tokens=True).strip()
-            bar.update(len(idx))
-            continue
-        torch.manual_seed(batch_seed)
-        kwargs = (
-            dict(do_sample=False)
-            if greedy
-            else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        )
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-            **kwargs,
-        )
+        else:
+            torch.manual_seed(batch_seed)
+            kwargs = (
+                dict(do_sample=False)
+                if greedy
+                else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            )
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attn,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                **kwargs,
+            )
+            written = out[:, width:]
         for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            answers[i] = tokenizer.decode(written[row], skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()
     return answers

@@ -37,13 +37,10 @@ def write_json(path, obj) -> None:
 
 
 def write_jsonl(path, rows) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=_default, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write one JSON object a line, atomically (see write_text)."""
+    write_text(
+        path, "".join(json.dumps(r, default=_default, ensure_ascii=False) + "\n" for r in rows)
+    )
 
 
 def make_run_dir(output_dir: str | None, kind: str) -> Path:
