@@ -36,9 +36,14 @@ WARMUP = {
     "warmup_steps": 60,  # SFT warm-up on dolly/dev, shared by every method of a student size
     "warmup_lr": 3e-4,
 }
+# A study never mixes precisions: every budget pins one, and `cell` refuses a cell whose
+# precision differs from the cells already in its folder. This pilot ran in bf16 on a CPU with
+# native bf16 (its cells' commits, docs/results.md); a new study pins fp32, the safe choice
+# across machines whose CPUs differ (an AVX2-only CPU emulates bf16 ~50x slower).
 BUDGETS = {
     "main": {
         **WARMUP,
+        "precision": "bf16",  # training, rollouts and the lean eval engine
         "steps": 12,  # distillation steps per cell
         "batch_size": 8,
         "lr": 5e-5,
@@ -46,7 +51,7 @@ BUDGETS = {
         "eval_rows": {"dolly": 100, "self-inst": 50},  # the first N rows of each validation file
         "eval_max_new_tokens": 128,
         "eval_seed": 10,
-        "eval_engine": "lean",  # bf16 rollout decoder, 2.4x faster than HF generate here
+        "eval_engine": "lean",  # the rollout decoder in the budget's precision
         "eval_batch_size": 16,
     },
 }
@@ -68,7 +73,7 @@ def _lm():
     return load_lm("smollm2-135m-instruct")
 
 
-def warmup(layers: int, teacher, tok) -> Path:
+def warmup(layers: int, teacher, tok, precision: str) -> Path:
     """The SFT-warmed student of this size (built once; a crash leaves no half folder)."""
     from lmsmith import config as C
     from lmsmith.distill.config import DistillConfig
@@ -89,6 +94,7 @@ def warmup(layers: int, teacher, tok) -> Path:
             "lr": WARMUP["warmup_lr"],
             "output_dir": str(out),
             "seed": 0,
+            "precision": precision,
         },
     )
     run(cfg, teacher, layer_pruned(teacher, layers), tok)
@@ -109,6 +115,7 @@ def evaluate(model, tok, budget: dict) -> dict:
             max_new_tokens=budget["eval_max_new_tokens"],
             batch_size=budget.get("eval_batch_size", 8),
             engine=budget.get("eval_engine", "hf"),
+            precision=budget["precision"] if budget.get("eval_engine") == "lean" else "auto",
             progress=False,
         )
         metrics, _ = evaluate_rows(model, tok, load_instruct(path, limit=n), cfg)
@@ -123,6 +130,7 @@ def cell(args) -> int:
     from lmsmith import config as C
     from lmsmith.distill.config import DistillConfig
     from lmsmith.distill.trainer import run
+    from lmsmith.precision import hardware
 
     tag = args.tag or args.method
     budget = BUDGETS[args.budget]
@@ -130,12 +138,20 @@ def cell(args) -> int:
     if path.exists():
         print(f"skip: {path} exists")
         return 0
+    mixed = _other_precisions(path.parent, budget["precision"])
+    if mixed:
+        print(
+            f"refused: {path.parent} holds cells run in {', '.join(sorted(mixed))}, this budget "
+            f"pins {budget['precision']}; a study never mixes precisions",
+            file=sys.stderr,
+        )
+        return 2
     t0 = time.perf_counter()
     teacher, tok = _lm()
     if args.method == "teacher":
         result = {"eval": evaluate(teacher, tok, budget)}
     else:
-        start = warmup(args.layers, teacher, tok)
+        start = warmup(args.layers, teacher, tok, budget["precision"])
         student = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
         result = {}
         if args.method != "warmup":
@@ -147,6 +163,7 @@ def cell(args) -> int:
                 "lr": budget["lr"],
                 "max_new_tokens": budget["max_new_tokens"],
                 "seed": args.seed,
+                "precision": budget["precision"],
                 "progress": False,
                 "output_dir": str(WORK / f"{args.budget}-{tag}-L{args.layers}-s{args.seed}"),
             }
@@ -171,6 +188,8 @@ def cell(args) -> int:
         budget=budget,
         wall_time_s=time.perf_counter() - t0,
         commit=_commit(),
+        precision=budget["precision"],
+        hardware=hardware(),
     )
     from lmsmith.runs import write_json
 
@@ -253,6 +272,22 @@ def grid(args) -> int:
     if failed:
         print(f"{len(failed)} cells failed:", *failed, sep="\n  ")
     return 1 if failed else 0
+
+
+def cell_precision(result: dict) -> str:
+    """The precision a stored cell ran in (the pilot's early cells record it in their budget or
+    training config only; the pilot ran in bf16 before precision was recorded)."""
+    return (
+        result.get("precision")
+        or result.get("budget", {}).get("precision")
+        or result.get("config", {}).get("train", {}).get("precision")
+        or "bf16"
+    )
+
+
+def _other_precisions(folder: Path, precision: str) -> set[str]:
+    found = {cell_precision(json.loads(p.read_text())) for p in folder.glob("*.json")}
+    return found - {precision}
 
 
 def _cell_path(budget: str, tag: str, layers, seed) -> Path:

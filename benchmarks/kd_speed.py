@@ -327,15 +327,17 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
-        default="bf16",
-        help="training-step precision (lmsmith rollouts decode in it too)",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="training-step precision (lmsmith rollouts decode in it too); auto: bf16 where the "
+        "device computes it natively, else fp32",
     )
     ap.add_argument(
         "--rollout-precisions",
         type=lambda s: [p for p in s.split(",") if p not in ("", "none")],
-        default=["fp32", "bf16"],
-        help="precisions of the rollout comparison, comma-separated ('none': training steps only)",
+        default=None,
+        help="precisions of the rollout comparison, comma-separated ('none': training steps "
+        "only; default: the training precision)",
     )
     ap.add_argument("--tau0", type=float, default=0.6)
     ap.add_argument("--decay", type=float, default=0.02)
@@ -354,11 +356,15 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    from lmsmith.precision import hardware, resolve_precision
+
+    args.precision = resolve_precision(args.precision)  # workers get the resolved value
+    if args.rollout_precisions is None:
+        args.rollout_precisions = [args.precision]
     machine = {
         "cpu_cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        **hardware(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
     print(f"machine: {machine}")

@@ -60,6 +60,10 @@ def cmd_eval(argv: list[str]) -> int:
         raise UserError("eval needs --data FILE (an instruction jsonl with references)")
     rows = load_instruct(cfg.data, limit=cfg.limit)
     model, tok = load_lm(cfg.model)
+    if cfg.engine == "lean":
+        from lmsmith.precision import describe, resolve_precision
+
+        print(describe(cfg.precision, resolve_precision(cfg.precision)), flush=True)
     run = make_run_dir(cfg.output_dir, "eval")
     write_json(run / "config.json", C.to_dict(cfg))
     metrics, preds = evaluate_rows(model, tok, rows, cfg)

@@ -26,6 +26,7 @@ from lmsmith.distill.config import DistillConfig
 from lmsmith.evaluate import generate
 from lmsmith.metrics.rouge import rouge_l
 from lmsmith.models import cache_home, layer_pruned, load_lm
+from lmsmith.precision import describe, hardware, resolve_precision
 from lmsmith.runs import make_run_dir, write_json
 
 TEACHER = "smollm2-135m-instruct"
@@ -65,10 +66,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--warmup-steps", type=int, default=30)
     ap.add_argument("--switch-steps", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 where the CPU/GPU computes it natively, else fp32",
+    )
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     run = make_run_dir(args.output_dir, "demo")
+    precision = resolve_precision(args.precision)
+    print(describe(args.precision, precision), flush=True)
     print(f"[1/5] loading the teacher ({TEACHER}) and a {args.layers}-layer student")
     teacher, tok = load_lm(TEACHER)
     rows = builtin_prompts()
@@ -97,7 +106,7 @@ def main(argv: list[str]) -> int:
                 "lr": lr,
                 "max_new_tokens": args.max_new_tokens,
                 "output_dir": str(out),
-                "precision": "bf16",
+                "precision": args.precision,
                 "seed": 0,
                 "tau0": 0.6,
                 "decay": 0.02,
@@ -132,6 +141,8 @@ def main(argv: list[str]) -> int:
         "student_after": after,
         "teacher_token_share": s["teacher_token_share"],
         "eval_rows": len(eval_rows),
+        "precision": precision,
+        "hardware": hardware(),
         "wall_time_s": time.perf_counter() - t0,
     }
     write_json(run / "summary.json", summary)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from lmsmith.config import field
 from lmsmith.data.instruct import InstructExample, build_prompt, tokenize_prompt
 from lmsmith.metrics.rouge import LENGTH_BUCKETS, bucket_name, by_length, mean_std, rouge_l
+from lmsmith.precision import Precision, hardware, resolve_precision, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,13 @@ class EvalConfig:
     engine: Literal["hf", "lean"] = field(
         "hf",
         help="hf: transformers generate in the model's dtype; lean: the distillation rollout "
-        "decoder (Gumbel-max draws; bf16 weight copies for plain Llama models, else the HF "
+        "decoder (Gumbel-max draws; lean weight copies for plain Llama models, else the HF "
         "forward; top-p 1 only; ~2.4x faster on CPU)",
+    )
+    precision: Precision = field(
+        "auto",
+        help="decode precision of the lean engine: auto = bf16 where the device computes it "
+        "natively, else fp32 (the hf engine generates in the model's own dtype)",
     )
     chat_template: bool = field(False, help="wrap the instruction in the model's chat template")
     output_dir: str | None = field(None, help="run folder (default runs/eval-<time>)")
@@ -54,16 +60,20 @@ class EvalConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        _check_engine(self.engine, self.top_p)
+        _check_engine(self.engine, self.top_p, self.precision)
         if not self.greedy and not self.seeds:
             raise ValueError("seeds must list at least one seed when sampling")
 
 
-def _check_engine(engine: str, top_p: float) -> None:
+def _check_engine(engine: str, top_p: float, precision: str = "auto") -> None:
     if engine not in ("hf", "lean"):
         raise ValueError(f"engine must be 'hf' or 'lean', got {engine!r}")
     if engine == "lean" and top_p < 1:
         raise ValueError("engine 'lean' samples from the full distribution: top_p must be 1")
+    if engine == "hf" and precision == "bf16":
+        raise ValueError(
+            "precision bf16 applies to engine 'lean'; engine 'hf' generates in the model's dtype"
+        )
 
 
 @torch.no_grad()
@@ -80,14 +90,15 @@ def generate(
     max_prompt_tokens: int = 256,
     progress: bool = False,
     engine: str = "hf",
+    precision: str = "auto",
 ) -> list[str]:
     """Batched generation with left padding and the KV cache; returns the decoded answers.
 
-    ``engine="lean"`` decodes with the distillation rollout (decode.LeanDecoder in bf16 where the
-    model is a plain Llama, else the HF forward) and Gumbel-max draws keyed by (seed, row,
-    position): the distribution of ``hf`` sampling at top-p 1 (up to bf16 rounding of the
-    weights), not the same samples."""
-    _check_engine(engine, top_p)
+    ``engine="lean"`` decodes with the distillation rollout (decode.LeanDecoder in ``precision``
+    where the model is a plain Llama, else the HF forward) and Gumbel-max draws keyed by (seed,
+    row, position): the distribution of ``hf`` sampling at top-p 1 (up to bf16 rounding of the
+    weights when the precision resolves to bf16), not the same samples."""
+    _check_engine(engine, top_p, precision)
     model.eval()
     device = next(model.parameters()).device
     ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens)[0] for p in prompts]
@@ -97,12 +108,13 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(total=len(ids), desc="generate", disable=not progress, leave=False)
-    weights = None
+    weights, dtype = None, None
     if engine == "lean":
         from lmsmith.distill.decode import lean_supported, prepare_weights
 
         if lean_supported(model):
-            weights = prepare_weights(model, torch.bfloat16)
+            dtype = torch_dtype(resolve_precision(precision, device))
+            weights = prepare_weights(model, dtype)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(ids[i]) for i in idx)
@@ -127,6 +139,7 @@ def generate(
                 pad,
                 eos,
                 weights,
+                dtype,
             )
         else:
             torch.manual_seed(batch_seed)
@@ -152,11 +165,10 @@ def generate(
 
 
 def _lean_generate(
-    model, input_ids, attn, max_new, greedy, temperature, seed, pad, eos, weights
+    model, input_ids, attn, max_new, greedy, temperature, seed, pad, eos, weights, dtype
 ) -> list[list[int]]:
     from lmsmith.distill.rollout import Noise, sample_rollout
 
-    dtype = torch.bfloat16 if weights is not None else None
     gen = sample_rollout(
         model,
         input_ids,
@@ -197,6 +209,7 @@ def evaluate_rows(
             cfg.max_prompt_tokens,
             cfg.progress,
             cfg.engine,
+            cfg.precision,
         )
         scores = [rouge_l(a, r.references) for a, r in zip(answers, rows)]
         per_seed[seed] = sum(scores) / len(scores)
@@ -220,6 +233,8 @@ def evaluate_rows(
         "n_rows": len(rows),
         "decoding": ("greedy" if cfg.greedy else f"sample(T={cfg.temperature}, top_p={cfg.top_p})")
         + ("" if cfg.engine == "hf" else f", engine={cfg.engine}"),
+        "precision": "model dtype" if cfg.engine == "hf" else resolve_precision(cfg.precision),
+        "hardware": hardware(),
         "seeds": seeds,
         "rougeL_mean": mean,
         "rougeL_std": std,

@@ -23,7 +23,9 @@ def main(argv: list[str]) -> int:
     path, rest = split_config(argv)
     cfg = C.load(DistillConfig, path, C.parse_overrides(rest))
     from lmsmith.distill.trainer import run
+    from lmsmith.precision import describe, resolve_precision
 
+    print(describe(cfg.train.precision, resolve_precision(cfg.train.precision)), flush=True)
     s = run(cfg)
     print("\n| method | steps | final loss | tokens/s | teacher-token share | eval ROUGE-L |")
     print("|---|---|---|---|---|---|")

@@ -8,6 +8,7 @@ from typing import Literal
 
 from lmsmith.config import field
 from lmsmith.distill.losses import Divergence
+from lmsmith.precision import Precision
 from lmsmith.distill.rollout import Schedule
 
 Method = Literal["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "skd", "switch", "adaswitch"]
@@ -122,10 +123,11 @@ class TrainConfig:
     grad_accum: int = field(1, help="micro-batches per optimiser step")
     max_steps: int = field(100, help="optimiser steps")
     max_grad_norm: float = field(1.0, help="gradient clipping (0 = off)")
-    precision: Literal["fp32", "bf16"] = field(
-        "bf16",
-        help="precision of forward passes (autocast) and of rollout decoding; fp32 rollouts are "
-        "token-exact against the naive loop",
+    precision: Precision = field(
+        "auto",
+        help="precision of forward passes (autocast) and of rollout decoding: auto = bf16 where "
+        "the device computes it natively, else fp32; fp32 rollouts are token-exact against the "
+        "naive loop",
     )
     seed: int = field(0, help="seed of data order, rollouts and initialisation")
     log_every: int = field(1, help="write metrics.jsonl every N steps")

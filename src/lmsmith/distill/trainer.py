@@ -44,6 +44,7 @@ from lmsmith.distill.rollout import (
 )
 from lmsmith.errors import DataError, UserError
 from lmsmith.metrics.rouge import rouge_l
+from lmsmith.precision import hardware, resolve_precision, torch_dtype
 from lmsmith.runs import MetricsSink, make_run_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class DistillTrainer:
         random.seed(cfg.train.seed)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
+        # auto → bf16 only where the device computes it natively; the resolved value is what
+        # config.json and summary.json record
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        cfg.train.precision = self.precision
         teacher, student, tok = self._given
         if teacher is None:
             from lmsmith.models import load_lm
@@ -241,7 +246,7 @@ class DistillTrainer:
         student = self.accelerator.unwrap_model(self.student)
         # rollouts decode in the training precision; the frozen teacher's decode weights are
         # prepared once, the student's at every rollout (they change every step)
-        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        dtype = torch_dtype(self.precision)
         policy = cfg.policy
         teacher_decodes = policy in ("teacher", "switch", "skd", "adaswitch")
         if teacher_decodes and self._teacher_weights is None and lean_supported(self.teacher):
@@ -393,7 +398,7 @@ class DistillTrainer:
         return loss
 
     def _autocast(self):
-        enabled = self.cfg.train.precision == "bf16"
+        enabled = self.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ------------------------------------------------------------------ train
@@ -600,6 +605,8 @@ def run(cfg: DistillConfig, teacher=None, student=None, tokenizer=None) -> dict:
         "rows_skipped_long_prompt": trainer.n_skipped,
         "wall_time_s": getattr(trainer, "wall_time", None),
         "seed": cfg.train.seed,
+        "precision": trainer.precision,
+        "hardware": hardware(trainer.device),
     }
     if trainer.eval_rows:
         summary["eval_rougeL"] = trainer.evaluate()
