@@ -111,7 +111,7 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     return "bf16" if native else "fp32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_slow_bf16(device_type: str) -> None:
     log.warning(
         "precision bf16 on a %s without native bf16 (capability %s): bf16 matmuls are emulated "

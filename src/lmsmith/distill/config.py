@@ -8,8 +8,8 @@ from typing import Literal
 
 from lmsmith.config import field
 from lmsmith.distill.losses import Divergence
-from lmsmith.precision import Precision
 from lmsmith.distill.rollout import Schedule
+from lmsmith.precision import Precision
 
 Method = Literal["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "skd", "switch", "adaswitch"]
 
