@@ -81,14 +81,13 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
 
     import torch
 
-    from lmsmith.distill.decode import lean_supported, prepare_weights
-    from lmsmith.distill.rollout import (
+    from lmsmith.distill.rollout import SwitchRule, naive_switch_rollout, switch_rollout
+    from lmsmith.generation import (
         Noise,
-        SwitchRule,
+        lean_supported,
         left_pad,
-        naive_switch_rollout,
+        prepare_weights,
         sample_rollout,
-        switch_rollout,
     )
 
     dev = next(student.parameters()).device

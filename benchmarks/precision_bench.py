@@ -110,7 +110,7 @@ def _decode_child() -> None:
     import torch
 
     from lmsmith.data.instruct import build_prompt, load_instruct
-    from lmsmith.evaluate import generate
+    from lmsmith.generation import generate
     from lmsmith.models import load_lm
 
     model, tok = load_lm("smollm2-135m-instruct")

@@ -4,24 +4,7 @@ import pytest
 
 from lmsmith.cli import main
 from lmsmith.data.instruct import load_instruct
-from lmsmith.evaluate import EvalConfig, evaluate_rows, format_table, generate
-
-
-def test_generate_is_seeded_and_batch_independent_in_order(tiny):
-    model, tok = tiny
-    prompts = ["ab", "a much longer prompt", "xyz"]
-    a = generate(model, tok, prompts, max_new_tokens=6, seed=1, batch_size=2)
-    b = generate(model, tok, prompts, max_new_tokens=6, seed=1, batch_size=2)
-    c = generate(model, tok, prompts, max_new_tokens=6, seed=2, batch_size=2)
-    assert a == b and a != c and len(a) == 3
-
-
-def test_greedy_left_padding_matches_unpadded(tiny):
-    model, tok = tiny
-    prompts = ["hello there", "x"]
-    batched = generate(model, tok, prompts, max_new_tokens=5, greedy=True, batch_size=2)
-    alone = [generate(model, tok, [p], max_new_tokens=5, greedy=True)[0] for p in prompts]
-    assert batched == alone
+from lmsmith.evaluate import EvalConfig, evaluate_rows, format_table
 
 
 def test_evaluate_rows_reports_seeds_and_buckets(tiny, instruct_file):
@@ -43,34 +26,6 @@ def test_eval_config_validates():
         EvalConfig(engine="vllm")
     with pytest.raises(ValueError, match="top_p must be 1"):
         EvalConfig(engine="lean", top_p=0.9)
-
-
-def test_lean_engine_is_seeded_and_left_padding_safe(tiny):
-    model, tok = tiny
-    prompts = ["ab", "a much longer prompt", "xyz"]
-    a = generate(model, tok, prompts, max_new_tokens=6, seed=1, batch_size=2, engine="lean")
-    b = generate(model, tok, prompts, max_new_tokens=6, seed=1, batch_size=2, engine="lean")
-    c = generate(model, tok, prompts, max_new_tokens=6, seed=2, batch_size=2, engine="lean")
-    assert a == b and a != c and len(a) == 3
-    # greedy: a left-padded batch writes what each prompt writes alone
-    batched = generate(model, tok, prompts, max_new_tokens=5, greedy=True, engine="lean")
-    alone = [generate(model, tok, [p], 5, greedy=True, engine="lean")[0] for p in prompts]
-    assert batched == alone
-
-
-def test_lean_engine_without_the_lean_decoder_writes_what_hf_writes(tiny, monkeypatch):
-    """A model the lean decoder does not cover falls back to the HF forward in its own dtype:
-    greedy answers then equal HF generate's exactly, EOS and padding included."""
-    import lmsmith.distill.decode as decode
-
-    model, tok = tiny
-    monkeypatch.setattr(decode, "lean_supported", lambda m: False)
-    prompts = ["hello there", "x", "a much longer prompt here"]
-    hf = generate(model, tok, prompts, max_new_tokens=8, greedy=True, batch_size=2)
-    lean = generate(model, tok, prompts, 8, greedy=True, batch_size=2, engine="lean")
-    assert lean == hf
-    with pytest.raises(ValueError, match="engine"):
-        generate(model, tok, prompts, 4, engine="vllm")
 
 
 def test_lean_engine_reports_itself(tiny, instruct_file):

@@ -80,7 +80,7 @@ def test_minilm_alias_is_a_folder():
 @pytest.mark.slow
 def test_embedded_smollm2_answers_sensibly():
     from lmsmith.data.instruct import InstructExample, build_prompt
-    from lmsmith.evaluate import generate
+    from lmsmith.generation import generate
     from lmsmith.models import count_params
 
     model, tok = load_lm("smollm2-135m-instruct")

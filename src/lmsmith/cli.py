@@ -75,7 +75,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    from lmsmith.demo import main as demo_main
+    from lmsmith.distill.demo import main as demo_main
 
     return demo_main(argv)
 

@@ -1,5 +1,8 @@
 """The instruction-following evaluation harness: generate, score ROUGE-L, tabulate.
 
+Generation itself is ``lmsmith.generation.generate``; this module configures it (``EvalConfig``),
+scores its answers over seeds (``evaluate_rows``) and prints the table (``format_table``).
+
 Sampling at temperature 1.0 / top-p 1.0 (no top-k) by default, as the KD benchmark does; the
 mean and standard deviation over seeds; a table by reference length.
 """
@@ -11,13 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from tqdm.auto import tqdm
 
 from lmsmith.config import field
-from lmsmith.data.instruct import InstructExample, build_prompt, tokenize_prompt
+from lmsmith.data.instruct import InstructExample, build_prompt
+from lmsmith.generation import check_engine, generate
 from lmsmith.metrics.rouge import LENGTH_BUCKETS, bucket_name, by_length, mean_std, rouge_l
-from lmsmith.precision import Precision, hardware, resolve_precision, torch_dtype
+from lmsmith.precision import Precision, hardware, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class EvalConfig:
     batch_size: int = field(8, help="prompts generated together")
     engine: Literal["hf", "lean"] = field(
         "hf",
-        help="hf: transformers generate in the model's dtype; lean: the distillation rollout "
+        help="hf: transformers generate in the model's dtype; lean: lmsmith.generation's "
         "decoder (Gumbel-max draws; lean weight copies for plain Llama models, else the HF "
         "forward; top-p 1 only; ~2.4x faster on CPU)",
     )
@@ -60,136 +63,27 @@ class EvalConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        _check_engine(self.engine, self.top_p, self.precision)
+        check_engine(self.engine, self.top_p, self.precision)
         if not self.greedy and not self.seeds:
             raise ValueError("seeds must list at least one seed when sampling")
-
-
-def _check_engine(engine: str, top_p: float, precision: str = "auto") -> None:
-    if engine not in ("hf", "lean"):
-        raise ValueError(f"engine must be 'hf' or 'lean', got {engine!r}")
-    if engine == "lean" and top_p < 1:
-        raise ValueError("engine 'lean' samples from the full distribution: top_p must be 1")
-    if engine == "hf" and precision == "bf16":
-        raise ValueError(
-            "precision bf16 applies to engine 'lean'; engine 'hf' generates in the model's dtype"
-        )
-
-
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int = 256,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_prompt_tokens: int = 256,
-    progress: bool = False,
-    engine: str = "hf",
-    precision: str = "auto",
-) -> list[str]:
-    """Batched generation with left padding and the KV cache; returns the decoded answers.
-
-    ``engine="lean"`` decodes with the distillation rollout (decode.LeanDecoder in ``precision``
-    where the model is a plain Llama, else the HF forward) and Gumbel-max draws keyed by (seed,
-    row, position): the distribution of ``hf`` sampling at top-p 1 (up to bf16 rounding of the
-    weights when the precision resolves to bf16), not the same samples."""
-    _check_engine(engine, top_p, precision)
-    model.eval()
-    device = next(model.parameters()).device
-    ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens)[0] for p in prompts]
-    # Length-sorted batches waste less padding; answers go back to the input order.
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    answers: list[str] = [""] * len(ids)
-    gen = torch.Generator().manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bar = tqdm(total=len(ids), desc="generate", disable=not progress, leave=False)
-    weights, dtype = None, None
-    if engine == "lean":
-        from lmsmith.distill.decode import lean_supported, prepare_weights
-
-        if lean_supported(model):
-            dtype = torch_dtype(resolve_precision(precision, device))
-            weights = prepare_weights(model, dtype)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(ids[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-            attn[row, width - len(ids[i]) :] = 1
-        # One seed per batch, drawn from the run's generator: reproducible and batch-local.
-        batch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        input_ids, attn = input_ids.to(device), attn.to(device)
-        eos = tokenizer.eos_token_id
-        if engine == "lean":
-            written = _lean_generate(
-                model,
-                input_ids,
-                attn,
-                max_new_tokens,
-                greedy,
-                temperature,
-                batch_seed,
-                pad,
-                eos,
-                weights,
-                dtype,
-            )
-        else:
-            torch.manual_seed(batch_seed)
-            kwargs = (
-                dict(do_sample=False)
-                if greedy
-                else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            )
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attn,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                **kwargs,
-            )
-            written = out[:, width:]
-        for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(written[row], skip_special_tokens=True).strip()
-        bar.update(len(idx))
-    bar.close()
-    return answers
-
-
-def _lean_generate(
-    model, input_ids, attn, max_new, greedy, temperature, seed, pad, eos, weights, dtype
-) -> list[list[int]]:
-    from lmsmith.distill.rollout import Noise, sample_rollout
-
-    gen = sample_rollout(
-        model,
-        input_ids,
-        attn,
-        max_new,
-        Noise.draw(len(input_ids), seed),
-        eos,
-        pad,
-        temperature,
-        greedy,
-        lean=weights is not None,
-        dtype=dtype,
-        weights=weights,
-    )
-    return [row[m].tolist() for row, m in zip(gen.tokens, gen.mask)]
 
 
 def evaluate_rows(
     model, tokenizer, rows: list[InstructExample], cfg: EvalConfig
 ) -> tuple[dict, list[dict]]:
-    """Generate for every seed, score, and return (metrics, predictions)."""
+    """Generate for every seed and score ROUGE-L against the rows' references.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        rows: instruction rows with references (``load_instruct``).
+        cfg: decoding and scoring settings (``cfg.model`` and ``cfg.data`` only label the result).
+
+    Returns:
+        ``(metrics, predictions)``: metrics holds the mean and standard deviation of ROUGE-L
+        over seeds, the per-seed means, a table by reference length, the decoding, precision,
+        hardware and wall time; predictions holds one dict per (seed, row).
+    """
     prompts = [build_prompt(r, tokenizer, cfg.chat_template) for r in rows]
     ref_words = [len(r.references[0].split()) for r in rows]
     seeds = [0] if cfg.greedy else cfg.seeds
@@ -200,16 +94,16 @@ def evaluate_rows(
             model,
             tokenizer,
             prompts,
-            cfg.max_new_tokens,
-            cfg.greedy,
-            cfg.temperature,
-            cfg.top_p,
-            seed,
-            cfg.batch_size,
-            cfg.max_prompt_tokens,
-            cfg.progress,
-            cfg.engine,
-            cfg.precision,
+            max_new_tokens=cfg.max_new_tokens,
+            greedy=cfg.greedy,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=seed,
+            batch_size=cfg.batch_size,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            progress=cfg.progress,
+            engine=cfg.engine,
+            precision=cfg.precision,
         )
         scores = [rouge_l(a, r.references) for a, r in zip(answers, rows)]
         per_seed[seed] = sum(scores) / len(scores)
@@ -246,7 +140,14 @@ def evaluate_rows(
 
 
 def format_table(metrics: dict) -> str:
-    """A plain-text table a person can read (also valid Markdown)."""
+    """A plain-text table a person can read (also valid Markdown).
+
+    Args:
+        metrics: the first value ``evaluate_rows`` returns.
+
+    Returns:
+        The overall ROUGE-L row and the table by reference length, newline-separated.
+    """
     lines = [
         "| model | data | rows | decoding | ROUGE-L |",
         "|---|---|---|---|---|",

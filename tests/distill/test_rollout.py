@@ -3,15 +3,12 @@ import torch
 
 from lmsmith.distill.rollout import (
     AdaSwitchRule,
-    Noise,
     SKDRule,
     SwitchRule,
-    draw,
-    left_pad,
     naive_switch_rollout,
-    sample_rollout,
     switch_rollout,
 )
+from lmsmith.generation import Noise, left_pad, sample_rollout
 from lmsmith.models import tiny_causal_lm
 
 EOS, PAD = 2, 0
@@ -27,41 +24,6 @@ def _same(a, b):
     assert torch.equal(a.tokens[a.mask], b.tokens[b.mask])
     assert torch.equal(a.teacher_wrote[a.mask], b.teacher_wrote[b.mask])
     torch.testing.assert_close(a.divergence[a.mask], b.divergence[b.mask], rtol=1e-4, atol=1e-5)
-
-
-def test_draw_samples_the_softmax():
-    probs = torch.tensor([0.2, 0.5, 0.3])
-    logits = probs.log().expand(4000, 3)
-    noise = Noise.draw(4000, seed=0)
-    toks = draw(logits, noise, "student", torch.zeros(4000, dtype=torch.long))
-    freq = torch.bincount(toks, minlength=3).float() / 4000
-    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
-    assert draw(logits[:1], noise, "student", torch.zeros(1), greedy=True).item() == 1
-    # temperature sharpens towards the argmax
-    cold = draw(logits, noise, "student", torch.zeros(4000, dtype=torch.long), temperature=0.1)
-    assert (cold == 1).float().mean() > 0.95
-
-
-def test_noise_depends_on_row_position_and_stream_only():
-    noise = Noise.draw(3, seed=5)
-    pos = torch.tensor([0, 4, 7])
-    g = noise.gumbel("student", pos, 50)
-    assert torch.equal(noise.select([2]).gumbel("student", pos[2:], 50), g[2:])
-    assert not torch.equal(noise.gumbel("teacher", pos, 50), g)
-    assert not torch.equal(Noise.draw(3, seed=6).gumbel("student", pos, 50), g)
-    assert torch.isfinite(g).all()
-
-
-def test_draw_is_stable_under_rounding_noise():
-    # what the equality of the two SWITCH loops rests on: a 1e-6 change in the logits (the
-    # rounding of a block forward against a one-token forward) almost never moves a draw
-    torch.manual_seed(0)
-    logits = torch.randn(256, 5000) * 3
-    noise = Noise.draw(256, seed=1)
-    pos = torch.zeros(256, dtype=torch.long)
-    a = draw(logits, noise, "student", pos)
-    b = draw(logits + 1e-6 * torch.randn_like(logits), noise, "student", pos)
-    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("block", [1, 2, 3, 5])
@@ -153,23 +115,6 @@ def test_adaswitch_switches_once_and_for_all():
         if True in w:
             first = w.index(True)
             assert all(w[first:]), "after the switch the teacher writes every token"
-
-
-def test_sample_rollout_matches_generate_greedy():
-    model = tiny_causal_lm(layers=2, seed=3)
-    ids, mask = left_pad(PROMPTS, PAD)
-    r = sample_rollout(
-        model, ids, mask, 8, Noise.draw(4, seed=0), eos_id=-1, pad_id=PAD, greedy=True
-    )
-    for b, p in enumerate(PROMPTS):
-        ref = model.generate(
-            torch.tensor([p]),
-            max_new_tokens=8,
-            do_sample=False,
-            pad_token_id=PAD,
-            eos_token_id=None,
-        )
-        assert r.tokens[b].tolist() == ref[0, len(p) :].tolist()
 
 
 def test_sample_rollout_equals_switch_with_infinite_threshold():

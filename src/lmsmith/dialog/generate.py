@@ -123,7 +123,7 @@ def generate_texts(
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (causal: left padding, prompt cut to its last
     ``max_prompt_tokens`` tokens; seq2seq: the encoder reads the prompt)."""
-    from lmsmith.evaluate import generate
+    from lmsmith.generation import generate
 
     if not seq2seq:
         return generate(

@@ -1,16 +1,10 @@
 """Rollouts: who writes the response tokens of each training sequence.
 
-All policies share one source of random numbers: for every row ``b``, response position ``t`` and
-stream (student, teacher), ``Noise`` derives a vector of Gumbel noise over the vocabulary from a
-hash of (seed, stream, row, t). A token is the argmax of logits/T plus that noise (the Gumbel-max
-trick: an exact sample of softmax(logits/T)), so the result does not depend on the order in which
-positions are computed, nor on which other rows share the batch. That is what lets the
-draft-and-verify SWITCH rollout equal the naive token-by-token loop, token for token.
-
-Gumbel-max rather than inverse-CDF sampling: a draw by inverse CDF flips to the neighbouring token
-whenever the uniform falls within the rounding error of a CDF boundary, and over a 49k vocabulary
-the cumulated rounding of a one-token forward against a block forward (~1e-6) made the two loops
-disagree within a few hundred tokens of SmolLM2. An argmax flips only on a near tie.
+The sampling primitives (Gumbel-max ``Noise``, ``draw``, ``sample_rollout``, the ``Rollout``
+container) and the cached decoders live in ``lmsmith.generation``; this module holds what is
+particular to distillation: the intervention rules (SWITCH, SKD, AdaSwitch), the naive
+token-by-token reference loop, the draft-and-verify ``switch_rollout`` and its block planner.
+Every draw is keyed by (seed, stream, row, position), so the two loops agree token for token.
 
 Draft and verify (``switch_rollout``). Both caches hold the same slots. A block starts with each
 row's *pending* token (accepted, not yet fed). The student feeds ``[pending, d0 .. d(k-2)]`` one
@@ -24,117 +18,14 @@ returned for the loss: no second teacher pass.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 
-from lmsmith.distill.decode import HFDecoder, decoder
 from lmsmith.distill.losses import token_jsd
+from lmsmith.generation import HFDecoder, Noise, Rollout, decoder, draw
 
 Schedule = Literal["constant", "linear", "exponential"]
-
-
-_STREAMS = {"student": 1, "teacher": 2}
-
-
-def _mix(*xs: int) -> int:
-    """splitmix64 over a tuple of integers: a seed per (run seed, stream, row, position)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h
-
-
-@dataclass
-class Noise:
-    """Gumbel noise per (row, response position, stream), derived on demand from a seed.
-
-    ``rows`` are the global ids of the batch rows (``select`` keeps a subset with their noise).
-    """
-
-    seed: int
-    rows: tuple[int, ...]
-
-    @classmethod
-    def draw(cls, batch: int, seed: int) -> Noise:
-        """The noise of rows 0 .. batch-1 under ``seed`` (any number of positions)."""
-        return cls(seed, tuple(range(batch)))
-
-    def select(self, idx: list[int]) -> Noise:
-        return Noise(self.seed, tuple(self.rows[i] for i in idx))
-
-    def gumbel(self, stream: str, pos: torch.Tensor, vocab: int) -> torch.Tensor:
-        """(B, V) Gumbel(0, 1) noise (float32, CPU) for row b at response position pos[b].
-
-        Each vector comes from a PCG64 generator keyed by the full 64-bit hash (torch's CPU
-        generator keeps only 32 bits of a seed) and is computed in float64, so the tail of the
-        distribution is not cut at float32's 24-bit uniforms."""
-        out = np.empty((len(self.rows), vocab))
-        for b, (row, t) in enumerate(zip(self.rows, pos.tolist())):
-            key = _mix(self.seed, _STREAMS[stream], row, t)
-            np.random.Generator(np.random.PCG64(key)).random(out=out[b])
-        # u in [0, 1): u = 0 gives -inf (never drawn); u < 1 keeps the noise finite
-        with np.errstate(divide="ignore"):
-            g = -np.log(-np.log(out))
-        return torch.from_numpy(g).float()
-
-
-@dataclass
-class Rollout:
-    """Prompts and the responses a policy wrote for them."""
-
-    prompt_ids: torch.Tensor  # (B, P) left-padded
-    prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
-    tokens: torch.Tensor  # (B, N) response tokens, pad after the end
-    mask: torch.Tensor  # (B, N) bool, True on written tokens (EOS included)
-    teacher_wrote: torch.Tensor  # (B, N) bool
-    divergence: torch.Tensor  # (B, N) float, JSD(p_T‖p_S) where computed, NaN elsewhere
-    teacher_logits: torch.Tensor | None = None  # (B, N, V) at kept positions
-    stats: dict = field(default_factory=dict)
-
-    def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, response_mask) of prompt + response, each (B, P+N)."""
-        ids = torch.cat([self.prompt_ids, self.tokens], dim=1)
-        attn = torch.cat([self.prompt_mask.bool(), self.mask], dim=1).long()
-        resp = torch.cat([torch.zeros_like(self.prompt_mask, dtype=torch.bool), self.mask], dim=1)
-        return ids, attn, resp
-
-    def teacher_share(self) -> float:
-        n = int(self.mask.sum())
-        return float(self.teacher_wrote[self.mask].sum()) / n if n else 0.0
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists → (ids, mask), both (B, P), padded on the left."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
-
-
-def draw(
-    logits: torch.Tensor,
-    noise: Noise,
-    stream: str,
-    pos: torch.Tensor,
-    temperature: float = 1.0,
-    greedy: bool = False,
-) -> torch.Tensor:
-    """One token per row: argmax(logits / T + Gumbel noise of (row, pos[b])). logits (B, V),
-    pos (B,) → (B,) long; ``greedy`` takes the plain argmax."""
-    if greedy:
-        return logits.argmax(-1)
-    g = noise.gumbel(stream, pos, logits.shape[-1]).to(logits.device)
-    return (logits.float() / temperature + g).argmax(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,56 +95,6 @@ class AdaSwitchRule:
 
 
 # --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sample_rollout(
-    model,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    max_new: int,
-    noise: Noise,
-    eos_id: int,
-    pad_id: int,
-    temperature: float = 1.0,
-    greedy: bool = False,
-    lean: bool = True,
-    stream: str = "student",
-    dtype: torch.dtype | None = None,
-    weights=None,
-) -> Rollout:
-    """One model writes every token (student: on-policy; teacher: SeqKD, ``stream="teacher"``).
-    KV cache, EOS aware; ``lean`` decodes through decode.LeanDecoder where the model allows it,
-    in ``dtype`` (default: the model's), with ``weights`` prepared beforehand if given."""
-    B, P = prompt_ids.shape
-    dec = decoder(model, B, P + max_new, lean, dtype, weights)
-    attn = prompt_mask.clone()
-    pos_ids = (attn.cumsum(-1) - 1).clamp_min(0)
-    nxt = dec(prompt_ids, attn, pos_ids, keep=1)[:, -1]
-    n_valid = attn.sum(-1)
-    tokens = torch.full((B, max_new), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, max_new), dtype=torch.bool)
-    done = torch.zeros(B, dtype=torch.bool)
-    for t in range(max_new):
-        tok = draw(nxt, noise, stream, torch.full((B,), t), temperature, greedy)
-        live = ~done
-        tokens[live, t] = tok[live]
-        mask[live, t] = True
-        done = done | (tok == eos_id)
-        if done.all() or t == max_new - 1:
-            break
-        attn = torch.cat([attn, (~done).long().unsqueeze(1)], 1)
-        feed = torch.where(done, torch.full_like(tok, pad_id), tok).unsqueeze(1)
-        nxt = dec(feed, attn, n_valid.unsqueeze(1))[:, -1]
-        n_valid = n_valid + (~done).long()
-    return Rollout(
-        prompt_ids,
-        prompt_mask,
-        tokens,
-        mask,
-        teacher_wrote=torch.zeros_like(mask),
-        divergence=torch.full(mask.shape, math.nan),
-    )
 
 
 @torch.no_grad()
@@ -371,8 +212,8 @@ def switch_rollout(
     Equal, token for token, to ``naive_switch_rollout`` under the same ``noise`` (exactly in
     fp32; in bf16 a k-slot forward rounds differently from k one-slot ones). With ``adaptive`` a
     BlockPlanner (or the given ``planner``) picks each block's size from the acceptance seen so
-    far. ``lean`` decodes through decode.LeanDecoder where the models allow it, in ``dtype`` (default: the
-    models'), with the frozen teacher's ``teacher_weights`` prepared once by the caller.
+    far. ``lean`` decodes through generation.LeanDecoder where the models allow it, in ``dtype``
+    (default: the models'), with the frozen teacher's ``teacher_weights`` prepared once by the caller.
     """
     B, P = prompt_ids.shape
     fed = prompt_mask[:, :-1].clone()  # (B, L) validity of the slots fed so far

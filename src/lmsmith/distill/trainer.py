@@ -30,19 +30,18 @@ from lmsmith.data.instruct import (
     tokenize_prompt,
 )
 from lmsmith.distill.config import DistillConfig
-from lmsmith.distill.decode import lean_supported, prepare_weights
 from lmsmith.distill.losses import divergence, sequence_ce
-from lmsmith.distill.rollout import (
-    AdaSwitchRule,
+from lmsmith.distill.rollout import AdaSwitchRule, SKDRule, SwitchRule, switch_rollout
+from lmsmith.errors import DataError, UserError
+from lmsmith.generation import (
     Noise,
     Rollout,
-    SKDRule,
-    SwitchRule,
+    generate,
+    lean_supported,
     left_pad,
+    prepare_weights,
     sample_rollout,
-    switch_rollout,
 )
-from lmsmith.errors import DataError, UserError
 from lmsmith.metrics.rouge import rouge_l
 from lmsmith.precision import hardware, resolve_precision, torch_dtype
 from lmsmith.runs import MetricsSink, make_run_dir, write_json
@@ -508,15 +507,13 @@ class DistillTrainer:
     @torch.no_grad()
     def evaluate(self, seed: int = 0) -> float:
         """Sampled ROUGE-L of the student on data.eval_data (eval_limit rows)."""
-        from lmsmith.evaluate import generate
-
         student = self.accelerator.unwrap_model(self.student)
         prompts = [build_prompt(r, self.tok, self.cfg.data.chat_template) for r in self.eval_rows]
         answers = generate(
             student,
             self.tok,
             prompts,
-            self.cfg.rollout.max_new_tokens,
+            max_new_tokens=self.cfg.rollout.max_new_tokens,
             seed=seed,
             batch_size=self.cfg.train.batch_size,
             max_prompt_tokens=self.cfg.data.max_prompt_tokens,

@@ -23,7 +23,7 @@ from lmsmith.data.instruct import (
     save_instruct,
 )
 from lmsmith.distill.config import DistillConfig
-from lmsmith.evaluate import generate
+from lmsmith.generation import generate
 from lmsmith.metrics.rouge import rouge_l
 from lmsmith.models import cache_home, layer_pruned, load_lm
 from lmsmith.precision import describe, hardware, resolve_precision
