@@ -254,7 +254,7 @@ def _step_worker(args) -> dict:
                     "batch_size": args.batch,
                     "max_steps": args.steps + 1,
                     "max_new_tokens": args.max_new,
-                    "lam": 1.0,
+                    "student_share": 1.0,
                     "beta": 0.5,
                     "tau0": args.tau0,
                     "decay": args.decay,

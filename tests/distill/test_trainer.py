@@ -104,7 +104,7 @@ def test_resume_equals_uninterrupted(method, teacher, data, tmp_path):
 
 def test_lora_student_saves_merged_and_adapter(teacher, data, tmp_path):
     s = run(
-        _cfg(data, tmp_path, "kd", max_steps=2, lora_r=4),
+        _cfg(data, tmp_path, "kd", max_steps=2, lora_rank=4),
         teacher,
         layer_pruned(teacher, [0]),
         tiny_tokenizer(),

@@ -33,12 +33,12 @@ class ModelConfig:
     student: str = field(
         "layers:10", help="student spec: alias, folder, Hub id or layers:N of the teacher"
     )
-    lora_r: int = field(0, help="LoRA rank for the student (0 = train all weights)")
+    lora_rank: int = field(0, help="LoRA rank for the student (0 = train all weights)")
     lora_alpha: int = field(16, help="LoRA alpha")
 
     def __post_init__(self):
-        if self.lora_r < 0:
-            raise ValueError(f"model.lora_r must be >= 0, got {self.lora_r}")
+        if self.lora_rank < 0:
+            raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
 
 
 @dataclass
@@ -68,7 +68,9 @@ class DataConfig:
 class RolloutConfig:
     max_new_tokens: int = field(128, help="tokens generated per rollout")
     temperature: float = field(1.0, help="sampling temperature of rollouts")
-    lam: float = field(0.5, help="GKD: probability that a sequence is student-written")
+    student_share: float = field(
+        0.5, help="GKD: probability that a sequence is student-written (the paper's lambda)"
+    )
     tau0: float = field(0.6, help="SWITCH: JSD threshold at position 0 (nats, JSD <= ln 2)")
     decay: float = field(0.02, help="SWITCH: decay rate of the threshold per position")
     schedule: Schedule = field("exponential", help="SWITCH: constant | linear | exponential")
@@ -80,8 +82,8 @@ class RolloutConfig:
     ada_factor: float = field(
         1.5, help="AdaSwitch: switch when the window mean exceeds K x the earlier mean"
     )
-    distillm_lam_max: float = field(0.5, help="DistiLLM: largest student-data share")
-    distillm_lam_step: float = field(
+    distillm_share_max: float = field(0.5, help="DistiLLM: largest student-data share")
+    distillm_share_step: float = field(
         0.1, help="DistiLLM: raise of the share when validation loss stalls"
     )
     replay_size: int = field(256, help="DistiLLM: replay buffer capacity (sequences)")
@@ -92,8 +94,8 @@ class RolloutConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.lam <= 1:
-            raise ValueError(f"rollout.lam must be in [0, 1], got {self.lam}")
+        if not 0 <= self.student_share <= 1:
+            raise ValueError(f"rollout.student_share must be in [0, 1], got {self.student_share}")
         if self.tau0 < 0 or self.decay < 0:
             raise ValueError(
                 f"rollout.tau0 and rollout.decay must be >= 0, got {self.tau0}, {self.decay}"

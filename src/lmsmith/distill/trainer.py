@@ -118,13 +118,13 @@ class DistillTrainer:
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-        if cfg.model.lora_r > 0:
+        if cfg.model.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
 
             student = get_peft_model(
                 student,
                 LoraConfig(
-                    r=cfg.model.lora_r,
+                    r=cfg.model.lora_rank,
                     lora_alpha=cfg.model.lora_alpha,
                     target_modules="all-linear",
                     task_type="CAUSAL_LM",
@@ -144,8 +144,9 @@ class DistillTrainer:
         )
         self.student, self.optim, self.sched = self.accelerator.prepare(student, optim, sched)
         self.step = 0
-        # DistiLLM's adaptive off-policy state
-        self.lam = 0.0 if cfg.policy == "adaptive" else cfg.rollout.lam
+        # the probability that a sequence is student-written: GKD's fixed share, or DistiLLM's
+        # adaptive one (starts at 0, raised when validation loss stalls)
+        self.distillm_share = 0.0 if cfg.policy == "adaptive" else cfg.rollout.student_share
         self.best_val: float | None = None
         self.replay: list[tuple[list[int], list[int]]] = []
         self._teacher_weights = None  # the frozen teacher's lean-decoder weights, built once
@@ -309,11 +310,12 @@ class DistillTrainer:
             student.train(was_training)
 
     def _mixed(self, batch, index, student, noise, dtype) -> Rollout:
-        """GKD: each sequence is student-written with probability λ, else the reference.
-        DistiLLM: the same with an adaptive λ, and student sequences partly replayed."""
+        """GKD: each sequence is student-written with probability ``rollout.student_share``
+        (the paper's λ), else the reference. DistiLLM: the same with the adaptive
+        ``self.distillm_share``, and student sequences partly replayed."""
         r = self.cfg.rollout
         g = torch.Generator().manual_seed(self.cfg.train.seed * 7_919 + index)
-        on = (torch.rand(len(batch), generator=g) < self.lam).tolist()
+        on = (torch.rand(len(batch), generator=g) < self.distillm_share).tolist()
         reuse = (torch.rand(len(batch), generator=g) < r.replay_reuse).tolist()
         rows: list[Example] = list(batch)
         fresh = [i for i in range(len(batch)) if on[i]]
@@ -468,7 +470,7 @@ class DistillTrainer:
                 last["student_data_share"] = sum(
                     r.stats.get("student_rows", 0) for r in rows_ro
                 ) / (cfg.batch_size * cfg.grad_accum)
-                last["lambda"] = self.lam
+                last["student_share"] = self.distillm_share
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.metrics.log(**last)
             bar.set_postfix(loss=f"{loss_sum:.4f}")
@@ -488,11 +490,12 @@ class DistillTrainer:
         """DistiLLM's adaptive off-policy: raise the student-data share when validation loss stalls."""
         val = self.validation_loss()
         if self.best_val is not None and val >= self.best_val:
-            self.lam = min(
-                self.cfg.rollout.distillm_lam_max, self.lam + self.cfg.rollout.distillm_lam_step
+            self.distillm_share = min(
+                self.cfg.rollout.distillm_share_max,
+                self.distillm_share + self.cfg.rollout.distillm_share_step,
             )
         self.best_val = val if self.best_val is None else min(self.best_val, val)
-        self.metrics.log(step=self.step, val_loss=val, **{"lambda": self.lam})
+        self.metrics.log(step=self.step, val_loss=val, student_share=self.distillm_share)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -534,7 +537,7 @@ class DistillTrainer:
             "optim": self.optim.state_dict(),
             "sched": self.sched.state_dict(),
             "step": self.step,
-            "lam": self.lam,
+            "distillm_share": self.distillm_share,
             "best_val": self.best_val,
             "replay": self.replay,
         }
@@ -555,7 +558,10 @@ class DistillTrainer:
         self.accelerator.unwrap_model(self.student).load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
-        self.step, self.lam = state["step"], state["lam"]
+        self.step = state["step"]
+        self.distillm_share = state.get(
+            "distillm_share", state.get("lam")
+        )  # older checkpoints: "lam"
         self.best_val, self.replay = state["best_val"], state["replay"]
         log.info("resumed from %s (step %d)", ckpts[-1], self.step)
 
@@ -565,7 +571,7 @@ class DistillTrainer:
         tmp = self.run_dir / f".student.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         model = self.accelerator.unwrap_model(self.student)
-        if self.cfg.model.lora_r > 0:
+        if self.cfg.model.lora_rank > 0:
             model.save_pretrained(self.run_dir / "adapter")
             import copy
 
