@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmsmith.data.bbq import load_bbq
-from lmsmith.debias.prompts import INSTRUCTIONS, build_prompt
+from lmsmith.debias.prompts import INSTRUCTIONS, bbq_prompt
 from lmsmith.debias.scoring import Encoded, encode, match_answer, option_logprobs, score_items
 
 
@@ -48,7 +48,7 @@ def _items(tok, n=5):
         # prompts of different lengths so that the batch needs padding
         ctx = r.context + " more" * i
         out.append(
-            (build_prompt(INSTRUCTIONS[i], ctx, r.question, r.answers, tok, False),
+            (bbq_prompt(INSTRUCTIONS[i], ctx, r.question, r.answers, tok, False),
              [" " + a for a in r.answers])
         )  # fmt: skip
     return out
@@ -94,7 +94,7 @@ def test_match_answer():
 def test_shared_prefix_is_encoded_once_and_changes_nothing(tiny):
     model, tok = tiny
     items = [
-        (build_prompt(INSTRUCTIONS[0], "A man and a boy" + " met" * i, "Who?", ("a", "b", "c"),
+        (bbq_prompt(INSTRUCTIONS[0], "A man and a boy" + " met" * i, "Who?", ("a", "b", "c"),
                       tok, False), [" the man", " the boy", " unknown"])
         for i in range(4)
     ]  # fmt: skip

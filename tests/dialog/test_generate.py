@@ -11,7 +11,7 @@ from lmsmith.dialog.generate import (
     TASK_LINES,
     DialogExample,
     _batch,
-    build_prompt,
+    dialog_prompt,
     generate_texts,
     load_generator,
     prompt_text,
@@ -58,11 +58,11 @@ def test_prompt_has_documents_grounding_and_dialogue_in_order():
         prompt_text(_example(), task="summarise")
 
 
-def test_build_prompt_uses_the_chat_template_when_there_is_one():
+def test_dialog_prompt_uses_the_chat_template_when_there_is_one():
     tok = tiny_tokenizer()
-    assert build_prompt(tok, _example()).endswith("Answer:")
+    assert dialog_prompt(_example(), tok).endswith("Answer:")
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|bot|>"
-    p = build_prompt(tok, _example())
+    p = dialog_prompt(_example(), tok)
     assert p.startswith("<|user|>Documents:") and p.endswith("<|bot|>")
 
 
@@ -99,7 +99,7 @@ def test_lora_training_lowers_the_loss_and_merges_to_a_plain_model(tiny_gen_dir,
     merged.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     again, _, _ = load_generator(str(tmp_path / "m"))
-    prompt = build_prompt(tok, _example())
+    prompt = dialog_prompt(_example(), tok)
     a = generate_texts(merged, tok, [prompt], max_new_tokens=8)
     b = generate_texts(again, tok, [prompt], max_new_tokens=8)
     assert a == b
@@ -107,7 +107,7 @@ def test_lora_training_lowers_the_loss_and_merges_to_a_plain_model(tiny_gen_dir,
 
 def test_generation_does_not_depend_on_batching(tiny_gen_dir):
     model, tok, _ = load_generator(tiny_gen_dir)
-    prompts = [build_prompt(tok, _example()), "User: hi\n\nAnswer:", "short"]
+    prompts = [dialog_prompt(_example(), tok), "User: hi\n\nAnswer:", "short"]
     one = [generate_texts(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
     assert generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=3) == one
 

@@ -19,7 +19,7 @@ import statistics
 import torch
 
 from lmsmith.data.bbq import BBQExample
-from lmsmith.debias.prompts import build_prompt, option_text
+from lmsmith.debias.prompts import bbq_prompt, option_text
 from lmsmith.debias.scoring import score_items
 
 
@@ -46,7 +46,7 @@ def _prior(model, tokenizer, rows, instructions, fills, cfg, progress, desc) -> 
             opts = [option_text(a, tokenizer, cfg.chat_template) for a in r.answers]
             for ins in instructions:
                 items.append(
-                    (build_prompt(ins, ctx, q, r.answers, tokenizer, cfg.chat_template), opts)
+                    (bbq_prompt(ins, ctx, q, r.answers, tokenizer, cfg.chat_template), opts)
                 )
         s = score_items(
             model,

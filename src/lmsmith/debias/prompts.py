@@ -31,7 +31,7 @@ def render_input(context: str, question: str, answers: tuple[str, ...] | list[st
     return f"Context: {context}\nQuestion: {question}\nOptions:\n{opts}"
 
 
-def build_prompt(
+def bbq_prompt(
     instruction: str,
     context: str,
     question: str,
@@ -64,4 +64,4 @@ def option_text(answer: str, tokenizer, chat_template: bool) -> str:
 
 
 def example_prompt(ex: BBQExample, instruction: str, tokenizer=None, chat: bool = True) -> str:
-    return build_prompt(instruction, ex.context, ex.question, ex.answers, tokenizer, chat)
+    return bbq_prompt(instruction, ex.context, ex.question, ex.answers, tokenizer, chat)

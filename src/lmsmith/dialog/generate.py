@@ -80,7 +80,7 @@ def prompt_text(
     return "\n\n".join(parts)
 
 
-def build_prompt(tokenizer, ex: DialogExample, task: str = "reply", **kw) -> str:
+def dialog_prompt(ex: DialogExample, tokenizer, task: str = "reply", **kw) -> str:
     """The full text the model continues: the chat template when the tokenizer has one."""
     text = prompt_text(ex, task, **kw)
     if getattr(tokenizer, "chat_template", None):
@@ -158,10 +158,10 @@ def training_pairs(
     tokenizer, examples: list[DialogExample], multitask: bool, **prompt_kw
 ) -> list[tuple[str, str]]:
     """(prompt, target) pairs: every reply; with ``multitask`` also every grounding span."""
-    pairs = [(build_prompt(tokenizer, x, "reply", **prompt_kw), x.reply) for x in examples]
+    pairs = [(dialog_prompt(x, tokenizer, "reply", **prompt_kw), x.reply) for x in examples]
     if multitask:
         pairs += [
-            (build_prompt(tokenizer, x, "ground", **prompt_kw), x.target_grounding)
+            (dialog_prompt(x, tokenizer, "ground", **prompt_kw), x.target_grounding)
             for x in examples
             if x.target_grounding.strip()
         ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from lmsmith.dialog.generate import DialogExample, build_prompt, generate_texts
+from lmsmith.dialog.generate import DialogExample, dialog_prompt, generate_texts
 from lmsmith.dialog.ground import Grounding, sentence_ground
 from lmsmith.metrics.qa import reply_scores, squad_scores
 
@@ -160,7 +160,7 @@ class Pipeline:
             return [None] * len(queries)
         if self.grounder == "lm":
             texts = self._gen(
-                [build_prompt(self.tokenizer, x, "ground", **self.prompt_kw) for x in examples],
+                [dialog_prompt(x, self.tokenizer, "ground", **self.prompt_kw) for x in examples],
                 progress,
             )
             return [
@@ -190,7 +190,7 @@ class Pipeline:
         for x, g in zip(examples, groundings):
             x.grounding = g.text if g is not None else ""
         replies = self._gen(
-            [build_prompt(self.tokenizer, x, "reply", **self.prompt_kw) for x in examples],
+            [dialog_prompt(x, self.tokenizer, "reply", **self.prompt_kw) for x in examples],
             progress,
         )
         out = []
