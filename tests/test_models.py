@@ -81,11 +81,10 @@ def test_minilm_alias_is_a_folder():
 def test_embedded_smollm2_answers_sensibly():
     from lmsmith.data.instruct import InstructExample, build_prompt
     from lmsmith.generation import generate
-    from lmsmith.models import count_params
 
     model, tok = load_lm("smollm2-135m-instruct")
     assert model.config.num_hidden_layers == 30 and len(tok) == 49152
-    assert 134e6 < count_params(model) < 135e6
+    assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
     ex = InstructExample(instruction="What is the capital of France? Answer in one word.")
     (answer,) = generate(
         model, tok, [build_prompt(ex, tok, chat_template=True)], max_new_tokens=12, greedy=True

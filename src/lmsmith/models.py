@@ -228,10 +228,6 @@ def check_same_vocab(teacher: nn.Module, student: nn.Module) -> None:
         )
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def tiny_causal_lm(
     vocab_size: int = 100,
     hidden: int = 32,

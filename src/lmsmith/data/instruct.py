@@ -137,56 +137,9 @@ def build_prompt(ex: InstructExample, tokenizer=None, chat_template: bool = Fals
     return tpl.format(instruction=ex.instruction, input=ex.input)
 
 
-@dataclass
-class TokenizedSet:
-    """Token ids of prompt+response with the prompt masked out of the loss."""
-
-    input_ids: list[list[int]]
-    labels: list[list[int]]  # -100 on prompt tokens
-    prompt_lens: list[int]
-    n_prompt_truncated: int = 0
-    n_total_truncated: int = 0
-
-
 def tokenize_prompt(tokenizer, text: str, max_prompt: int) -> tuple[list[int], bool]:
     """Prompt ids, keeping the last ``max_prompt`` tokens (the instruction's end matters most)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) > max_prompt:
         return ids[-max_prompt:], True
     return ids, False
-
-
-def tokenize_examples(
-    rows: list[InstructExample],
-    tokenizer,
-    max_prompt: int = 256,
-    max_total: int = 512,
-    chat_template: bool = False,
-    add_eos: bool = True,
-) -> TokenizedSet:
-    """Tokenise prompt + first reference; labels are -100 on the prompt. Counts truncations."""
-    out = TokenizedSet([], [], [])
-    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-    for r in rows:
-        p_ids, cut = tokenize_prompt(
-            tokenizer, build_prompt(r, tokenizer, chat_template), max_prompt
-        )
-        out.n_prompt_truncated += cut
-        ref = r.references[0] if r.references else ""
-        y_ids = tokenizer(ref, add_special_tokens=False)["input_ids"] + eos
-        room = max_total - len(p_ids)
-        if len(y_ids) > room:
-            y_ids = y_ids[:room]
-            out.n_total_truncated += 1
-        out.input_ids.append(p_ids + y_ids)
-        out.labels.append([-100] * len(p_ids) + y_ids)
-        out.prompt_lens.append(len(p_ids))
-    if out.n_prompt_truncated or out.n_total_truncated:
-        log.info(
-            "truncated %d prompts to %d tokens and %d sequences to %d tokens",
-            out.n_prompt_truncated,
-            max_prompt,
-            out.n_total_truncated,
-            max_total,
-        )
-    return out

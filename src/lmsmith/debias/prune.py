@@ -41,10 +41,6 @@ class Pruner:
         self.modules = dict(model.named_modules())
         self._saved: dict[Unit, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    @property
-    def pruned(self) -> list[Unit]:
-        return list(self._saved)
-
     @torch.no_grad()
     def apply(self, units: list[Unit]) -> None:
         for name, j in units:

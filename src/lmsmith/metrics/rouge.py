@@ -30,6 +30,7 @@ def bucket_name(lo: float, hi: float) -> str:
 
 
 def length_bucket(n_words: int) -> str:
+    """The name of the reference-length bucket that ``n_words`` falls in (``"17-32"``...)."""
     for lo, hi in LENGTH_BUCKETS:
         if lo <= n_words <= hi:
             return bucket_name(lo, hi)
@@ -38,12 +39,13 @@ def length_bucket(n_words: int) -> str:
 
 def by_length(scores: list[float], ref_lengths: list[int]) -> dict[str, dict[str, float]]:
     """Mean score per reference-length bucket (words of the first reference)."""
-    table: dict[str, dict[str, float]] = {}
-    for lo, hi in LENGTH_BUCKETS:
-        name = bucket_name(lo, hi)
-        sel = [s for s, n in zip(scores, ref_lengths) if lo <= n <= hi]
-        table[name] = {"n": len(sel), "rougeL": statistics.fmean(sel) if sel else float("nan")}
-    return table
+    groups: dict[str, list[float]] = {bucket_name(lo, hi): [] for lo, hi in LENGTH_BUCKETS}
+    for s, n in zip(scores, ref_lengths):
+        groups[length_bucket(n)].append(s)
+    return {
+        name: {"n": len(sel), "rougeL": statistics.fmean(sel) if sel else float("nan")}
+        for name, sel in groups.items()
+    }
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
