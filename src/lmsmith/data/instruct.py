@@ -6,7 +6,6 @@ or a list of them) and optionally ``prompt`` (the template already filled in).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from importlib import resources
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from lmsmith.data.jsonl import read_jsonl
 from lmsmith.errors import DataError
+from lmsmith.runs import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +106,20 @@ def builtin_prompts() -> list[InstructExample]:
 
 
 def save_instruct(rows: list[InstructExample], path) -> None:
-    """Write rows back as jsonl (atomically), e.g. teacher-written references."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            out = r.references[0] if len(r.references) == 1 else r.references
-            rec = {"instruction": r.instruction, "input": r.input, "output": out}
-            if r.prompt is not None:
-                rec["prompt"] = r.prompt
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    """Write rows back as jsonl, atomically (e.g. teacher-written references).
+
+    Args:
+        rows: the rows; a single reference is written as a string, several as a list.
+        path: the file to (over)write; its folder is created.
+    """
+    recs = []
+    for r in rows:
+        out = r.references[0] if len(r.references) == 1 else r.references
+        rec = {"instruction": r.instruction, "input": r.input, "output": out}
+        if r.prompt is not None:
+            rec["prompt"] = r.prompt
+        recs.append(rec)
+    write_jsonl(path, recs)
 
 
 def build_prompt(ex: InstructExample, tokenizer=None, chat_template: bool = False) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmsmith.debias.attribution import Conv1D, n_units
-from lmsmith.runs import write_json
+from lmsmith.runs import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,10 @@ def units_record(ranked: list[tuple[str, int, float]], n: int) -> list[dict]:
 def save_pruned(model, tokenizer, units: list[dict], path: str | Path) -> Path:
     """The pruned model as an HF checkpoint (safetensors) plus ``pruned_units.json``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    write_json(tmp / "pruned_units.json", units)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / "pruned_units.json", units)
     log.info("saved the pruned model (%d units) to %s", len(units), path)
     return path
