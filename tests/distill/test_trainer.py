@@ -163,3 +163,18 @@ def test_cli_distill_exit_codes(tmp_path, capsys, monkeypatch):
     )
     assert not (tmp_path / "runs").exists()
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("warm", [0, 1, 3])
+def test_warmup_schedule_is_linear_then_constant(warm):
+    from lmsmith.distill.trainer import warmup_schedule
+
+    optim = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = warmup_schedule(optim, warm)
+    seen = []
+    for _ in range(6):
+        seen.append(optim.param_groups[0]["lr"])  # the rate this update runs at
+        optim.step()
+        sched.step()
+    expected = [0.1 * (min(1.0, (k + 1) / warm) if warm else 1.0) for k in range(6)]
+    assert seen == pytest.approx(expected, rel=1e-12)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from lmsmith.generation import (
 )
 from lmsmith.metrics.rouge import rouge_l
 from lmsmith.precision import hardware, resolve_precision, torch_dtype
-from lmsmith.runs import MetricsSink, make_run_dir, write_json
+from lmsmith.runs import MetricsSink, atomic_dir, make_run_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,7 @@ class DistillTrainer:
         )
         params = [p for p in student.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        warm = max(cfg.train.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
-        )
+        sched = warmup_schedule(optim, cfg.train.warmup_steps)
         self.student, self.optim, self.sched = self.accelerator.prepare(student, optim, sched)
         self.step = 0
         # the probability that a sequence is student-written: GKD's fixed share, or DistiLLM's
@@ -530,8 +527,6 @@ class DistillTrainer:
     def save_checkpoint(self) -> Path:
         """Everything needed to continue, written to a temporary name and renamed into place."""
         final = self._ckpt_dir() / f"step-{self.step:07d}"
-        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
         state = {
             "model": self.accelerator.unwrap_model(self.student).state_dict(),
             "optim": self.optim.state_dict(),
@@ -541,17 +536,15 @@ class DistillTrainer:
             "best_val": self.best_val,
             "replay": self.replay,
         }
-        torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            torch.save(state, tmp / "state.pt")
+        # temporary folders are hidden (".step-...") and never match
         for old in sorted(self._ckpt_dir().glob("step-*"))[:-2]:  # keep the two newest
-            if ".tmp-" not in old.name:
-                shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _load_checkpoint(self) -> None:
-        ckpts = sorted(p for p in self._ckpt_dir().glob("step-*") if ".tmp-" not in p.name)
+        ckpts = sorted(self._ckpt_dir().glob("step-*"))
         if not ckpts:
             raise UserError(f"--resume: no checkpoint under {self._ckpt_dir()}")
         state = torch.load(ckpts[-1] / "state.pt", weights_only=False)
@@ -568,20 +561,35 @@ class DistillTrainer:
     def save_student(self) -> Path:
         """The final student as a plain HF folder (merged LoRA too, and the adapter beside it)."""
         final = self.run_dir / "student"
-        tmp = self.run_dir / f".student.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         model = self.accelerator.unwrap_model(self.student)
         if self.cfg.model.lora_rank > 0:
-            model.save_pretrained(self.run_dir / "adapter")
+            with atomic_dir(self.run_dir / "adapter") as tmp:
+                model.save_pretrained(tmp)
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(tmp)
-        self.tok.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
         return final
+
+
+def warmup_schedule(optim: torch.optim.Optimizer, warmup_steps: int):
+    """Linear warm-up to the peak rate, then constant: update k (0-based) runs at
+    min(1, (k + 1) / warmup_steps) x lr, so the first update already moves the weights.
+
+    transformers' ``constant_with_warmup`` gives update k the factor k / W (0 at the first);
+    stepping it once here puts it one update ahead, which is this schedule exactly.
+    """
+    from transformers import get_scheduler
+
+    warm = max(warmup_steps, 0)
+    sched = get_scheduler("constant_with_warmup", optim, num_warmup_steps=warm)
+    if warm:
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
+    return sched
 
 
 def _pad_to(x: torch.Tensor, n: int, value=0) -> torch.Tensor:
