@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     model: str = field("smollm2-135m-instruct", help="model spec: alias, local folder or Hub id")
-    data: str = field("", help="instruction jsonl with references")
+    data: str = field("", help="instruction jsonl with references, or hf:NAME[:split]")
     limit: int | None = field(None, help="evaluate the first N rows only")
     seeds: list[int] = field([10, 20, 30], help="sampling seeds (ignored with greedy)")
     max_new_tokens: int = field(256, help="tokens generated per answer")

@@ -137,3 +137,48 @@ def test_load_limit(tmp_path):
         "".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(10))
     )
     assert len(load_instruct(p, limit=4)) == 4
+
+
+def test_hf_datasets_load_through_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split=None):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(
+            [
+                {"instruction": "Say hi.", "context": "", "response": "hi", "category": "qa"},
+                {"instruction": "Add.", "context": "1 and 2", "response": "3", "category": "qa"},
+                {"instruction": "Stop.", "context": "", "response": "ok", "category": "qa"},
+            ]
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = load_instruct("hf:databricks/databricks-dolly-15k", limit=2)
+    assert calls == [("databricks/databricks-dolly-15k", "train")]
+    assert [(r.instruction, r.input, r.references) for r in rows] == [
+        ("Say hi.", "", ["hi"]),
+        ("Add.", "1 and 2", ["3"]),
+    ]
+    assert rows[1].source == "hf:databricks/databricks-dolly-15k:train:2"
+    load_instruct("hf:someone/data:validation")
+    assert calls[-1] == ("someone/data", "validation")
+
+
+def test_hf_local_dataset_folder_loads_offline(tmp_path):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text(
+        json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
+        + "\n"
+        + json.dumps({"instruction": "Say yes.", "input": ""})  # no output: null in the table
+        + "\n"
+    )
+    with pytest.raises(DataError) as e:
+        load_instruct(f"hf:{folder}:test")
+    assert e.value.field == "output" and ":test:2" in str(e.value)
+    rows = load_instruct(f"hf:{folder}:test", limit=1)
+    assert rows[0].references == ["hi"]
+    with pytest.raises(DataError, match="could not load"):
+        load_instruct(f"hf:{tmp_path / 'nothing-here'}")

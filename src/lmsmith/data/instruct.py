@@ -2,6 +2,10 @@
 
 A row has ``instruction`` (str), ``input`` (str, may be empty), ``output`` (a reference string
 or a list of them) and optionally ``prompt`` (the template already filled in).
+
+``hf:NAME[:split]`` instead of a file loads a dataset through ``datasets.load_dataset`` (a Hub
+id when online, or a local folder of data files); Dolly's column names ``context`` and
+``response`` are read as ``input`` and ``output``.
 """
 
 from __future__ import annotations
@@ -84,9 +88,24 @@ def parse_row(obj, path, line: int, need_output: bool = True) -> InstructExample
 
 
 def load_instruct(
-    path, limit: int | None = None, need_output: bool = True
+    path: str | Path, limit: int | None = None, need_output: bool = True
 ) -> list[InstructExample]:
-    """Read an instruction jsonl file; a bad row raises DataError naming file, line and field."""
+    """Read instruction rows from a jsonl file or a ``datasets`` dataset.
+
+    Args:
+        path: a jsonl file, or ``hf:NAME[:split]`` (split ``train`` by default) for
+            ``datasets.load_dataset(NAME, split=split)``.
+        limit: keep the first N rows only.
+        need_output: a row without ``output`` is an error (else it gets no references).
+
+    Returns:
+        The rows, in file order; ``source`` is ``file:line`` (or ``hf:NAME:split:row``).
+
+    Raises:
+        DataError: a bad row (naming file, line and field), or no rows at all.
+    """
+    if str(path).startswith("hf:"):
+        return _load_hf(str(path)[3:], limit, need_output)
     path = Path(path)
     rows: list[InstructExample] = []
     for lineno, obj in read_jsonl(path):
@@ -95,6 +114,37 @@ def load_instruct(
             break
     if not rows:
         raise DataError(path, None, None, "contains no rows")
+    return rows
+
+
+_HF_ALIASES = {"input": "context", "output": "response"}  # Dolly's column names
+
+
+def _load_hf(spec: str, limit: int | None, need_output: bool) -> list[InstructExample]:
+    """``NAME[:split]`` through ``datasets.load_dataset``; rows are numbered from 1."""
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    if not name:
+        raise DataError(f"hf:{spec}", None, None, "expected hf:NAME or hf:NAME:split")
+    import datasets
+
+    source = f"hf:{name}:{split}"
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many types (missing, offline, bad split)
+        raise DataError(source, None, None, f"could not load the dataset: {e}") from e
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    rows = []
+    for i, obj in enumerate(ds, start=1):
+        obj = dict(obj)
+        for key, alias in _HF_ALIASES.items():
+            if key not in obj and alias in obj:
+                obj[key] = obj[alias]
+        rows.append(parse_row(obj, source, i, need_output))
+    if not rows:
+        raise DataError(source, None, None, "contains no rows")
+    log.info("loaded %d rows from %s", len(rows), source)
     return rows
 
 

@@ -44,9 +44,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     data: str = field(
-        "", help="training jsonl (instruction/input/output); empty = built-in prompts"
+        "",
+        help="training jsonl (instruction/input/output) or hf:NAME[:split]; empty = built-in "
+        "prompts",
     )
-    eval_data: str = field("", help="held-out jsonl for ROUGE-L during training (empty = none)")
+    eval_data: str = field(
+        "", help="held-out jsonl or hf:NAME[:split] for ROUGE-L during training (empty = none)"
+    )
     eval_limit: int = field(32, help="rows of eval_data scored at each evaluation")
     max_prompt_tokens: int = field(256, help="prompts are cut to their last N tokens")
     max_total_tokens: int = field(512, help="prompt + response tokens for ground-truth sequences")
