@@ -1,3 +1,70 @@
-"""lmsmith: make language models smaller, fairer and better grounded."""
+"""lmsmith: make language models smaller, fairer and better grounded.
+
+The core (models, generation, evaluation, data, metrics) is importable from here; the three
+systems are subpackages with their own entry points::
+
+    from lmsmith import load_lm, generate, evaluate_rows, EvalConfig
+    from lmsmith import distill, debias, dialog
+
+    model, tok = load_lm("smollm2-135m-instruct")
+    print(generate(model, tok, ["Name a colour."], max_new_tokens=8, greedy=True))
+    summary = distill.run(cfg)  # cfg: a distill.DistillConfig
+
+Names are imported on first use, so ``import lmsmith`` stays light (no torch until needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_lm": "lmsmith.models",
+    "load_tokenizer": "lmsmith.models",
+    "generate": "lmsmith.generation",
+    "evaluate_rows": "lmsmith.evaluate",
+    "EvalConfig": "lmsmith.evaluate",
+    "format_table": "lmsmith.evaluate",
+    "load_instruct": "lmsmith.data.instruct",
+    "UserError": "lmsmith.errors",
+    "DataError": "lmsmith.errors",
+}
+_SUBPACKAGES = ("distill", "debias", "dialog", "data", "metrics")
+__all__ = [
+    "data",
+    "debias",
+    "dialog",
+    "distill",
+    "metrics",
+    "load_instruct",
+    "DataError",
+    "UserError",
+    "EvalConfig",
+    "evaluate_rows",
+    "format_table",
+    "generate",
+    "load_lm",
+    "load_tokenizer",
+]
+
+if TYPE_CHECKING:
+    from lmsmith import data, debias, dialog, distill, metrics
+    from lmsmith.data.instruct import load_instruct
+    from lmsmith.errors import DataError, UserError
+    from lmsmith.evaluate import EvalConfig, evaluate_rows, format_table
+    from lmsmith.generation import generate
+    from lmsmith.models import load_lm, load_tokenizer
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"lmsmith.{name}")
+    raise AttributeError(f"module 'lmsmith' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
