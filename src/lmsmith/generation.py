@@ -55,6 +55,7 @@ class HFDecoder:
         self.model, self.cache = model, None
 
     def __call__(self, ids, attn, pos_ids, keep: int = 0) -> torch.Tensor:
+        """Feed new slots ``ids`` (B, q) → logits (B, q, V), or the last ``keep`` columns."""
         out = self.model(
             input_ids=ids,
             attention_mask=attn,
@@ -156,6 +157,7 @@ class LeanDecoder:
 
     @torch.no_grad()
     def __call__(self, ids, attn, pos_ids, keep: int = 0) -> torch.Tensor:
+        """Feed new slots ``ids`` (B, q) → logits (B, q, V), or the last ``keep`` columns."""
         B, q = ids.shape
         L = self.length
         if attn.shape != (B, L + q):
@@ -345,6 +347,7 @@ class Noise:
         return cls(seed, tuple(range(batch)))
 
     def select(self, idx: list[int]) -> Noise:
+        """The noise of batch rows ``idx`` (each keeps its global row id, so its draws)."""
         return Noise(self.seed, tuple(self.rows[i] for i in idx))
 
     def gumbel(self, stream: str, pos: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -384,6 +387,7 @@ class Rollout:
         return ids, attn, resp
 
     def teacher_share(self) -> float:
+        """Share of the written tokens that the teacher wrote (0 when nothing was written)."""
         n = int(self.mask.sum())
         return float(self.teacher_wrote[self.mask].sum()) / n if n else 0.0
 

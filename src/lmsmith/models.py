@@ -220,7 +220,17 @@ def load_causal_or_seq2seq(spec: str, dtype: torch.dtype = torch.float32):
 
 
 def parse_keep(text: str) -> int | list[int]:
-    """``"10"`` → 10 (evenly spaced layers); ``"0,4,9"`` → [0, 4, 9]."""
+    """Parse the part of a ``layers:`` spec after the colon.
+
+    Args:
+        text: ``"10"`` or ``"0,4,9"``.
+
+    Returns:
+        10 (that many evenly spaced layers) or [0, 4, 9] (those layers).
+
+    Raises:
+        UserError: neither form.
+    """
     try:
         if "," in text:
             return [int(x) for x in text.split(",") if x.strip()]
@@ -230,7 +240,18 @@ def parse_keep(text: str) -> int | list[int]:
 
 
 def evenly_spaced(n_layers: int, keep: int) -> list[int]:
-    """``keep`` indices spread over ``range(n_layers)``, always keeping the first and last."""
+    """Layer indices spread over a stack, always keeping the first and the last.
+
+    Args:
+        n_layers: layers in the stack.
+        keep: how many to keep (1 keeps layer 0).
+
+    Returns:
+        ``keep`` sorted indices in ``range(n_layers)``.
+
+    Raises:
+        UserError: ``keep`` outside 1 .. n_layers.
+    """
     if not 1 <= keep <= n_layers:
         raise UserError(f"cannot keep {keep} layers of {n_layers}")
     if keep == 1:
@@ -254,6 +275,16 @@ def layer_pruned(teacher: nn.Module, keep: int | list[int]) -> nn.Module:
 
     Embeddings, final norm and LM head are copied; the result is an ordinary HF model of the
     same class that saves and reloads, and shares the teacher's tokenizer.
+
+    Args:
+        teacher: a decoder LM with ``model.model.layers`` (Llama, Qwen, Mistral...).
+        keep: how many layers (evenly spaced), or which.
+
+    Returns:
+        The student, trainable (``requires_grad``), with ``num_hidden_layers`` updated.
+
+    Raises:
+        UserError: an unsupported architecture or indices out of range.
     """
     n = len(_decoder_layers(teacher))
     idx = evenly_spaced(n, keep) if isinstance(keep, int) else sorted(set(keep))
@@ -276,11 +307,27 @@ def layer_pruned(teacher: nn.Module, keep: int | list[int]) -> nn.Module:
 
 
 def vocab_size(model: nn.Module) -> int:
+    """Rows of the model's output embedding (its LM head).
+
+    Args:
+        model: a causal LM.
+
+    Returns:
+        The size of the distributions it predicts.
+    """
     return model.get_output_embeddings().weight.shape[0]
 
 
 def check_same_vocab(teacher: nn.Module, student: nn.Module) -> None:
-    """Token-level KD compares distributions over one vocabulary: refuse otherwise."""
+    """Token-level KD compares distributions over one vocabulary: refuse otherwise.
+
+    Args:
+        teacher: a causal LM.
+        student: a causal LM.
+
+    Raises:
+        UserError: the LM heads differ in size (the message gives both).
+    """
     vt, vs = vocab_size(teacher), vocab_size(student)
     if vt != vs:
         raise UserError(
@@ -297,7 +344,19 @@ def tiny_causal_lm(
     heads: int = 4,
     kv_heads: int | None = None,
 ):
-    """A small random Llama for tests, built in-process (no files, no network)."""
+    """A small random Llama for tests, built in-process (no files, no network).
+
+    Args:
+        vocab_size: tokens (``tiny_tokenizer`` has 100).
+        hidden: hidden size (the MLP is twice as wide).
+        layers: decoder layers.
+        seed: ``torch.manual_seed`` before initialisation.
+        heads: attention heads.
+        kv_heads: key/value heads (grouped-query attention when fewer than ``heads``).
+
+    Returns:
+        A ``LlamaForCausalLM`` in eval mode (pad 0, BOS 1, EOS 2).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -318,7 +377,12 @@ def tiny_causal_lm(
 
 
 def tiny_tokenizer():
-    """A character-level fast tokenizer (printable ASCII + specials) to pair with tiny models."""
+    """A character-level fast tokenizer to pair with ``tiny_causal_lm``.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` over ``<pad> <s> </s> <unk>`` (ids 0-3), printable ASCII
+        and newline: 100 tokens, no chat template.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

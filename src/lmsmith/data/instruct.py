@@ -56,7 +56,21 @@ def _check_str(obj, key, path, line, required=True):
     return val
 
 
-def parse_row(obj, path, line: int, need_output: bool = True) -> InstructExample:
+def parse_row(obj: object, path, line: int, need_output: bool = True) -> InstructExample:
+    """Check one record and turn it into an ``InstructExample``.
+
+    Args:
+        obj: the decoded JSON value of the line (or a dataset row as a dict).
+        path: the file (or ``hf:`` source), for messages.
+        line: its line (row) number, for messages.
+        need_output: a missing ``output`` is an error.
+
+    Returns:
+        The row, ``source`` set to ``path:line``.
+
+    Raises:
+        DataError: a missing or mistyped field, naming file, line and field.
+    """
     if not isinstance(obj, dict):
         raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
     instruction = _check_str(obj, "instruction", path, line)
@@ -149,7 +163,11 @@ def _load_hf(spec: str, limit: int | None, need_output: bool) -> list[InstructEx
 
 
 def builtin_prompts() -> list[InstructExample]:
-    """The >=100 instructions written for lmsmith, shipped as package data (no references)."""
+    """The instructions written for lmsmith, shipped as package data.
+
+    Returns:
+        At least 100 rows across several categories, without references.
+    """
     ref = resources.files("lmsmith.data").joinpath("builtin_prompts.jsonl")
     with resources.as_file(ref) as p:
         return load_instruct(p, need_output=False)
@@ -173,7 +191,19 @@ def save_instruct(rows: list[InstructExample], path) -> None:
 
 
 def build_prompt(ex: InstructExample, tokenizer=None, chat_template: bool = False) -> str:
-    """The text the model continues: the chat template, else the row's prompt, else Alpaca."""
+    """The text the model continues.
+
+    Args:
+        ex: the row.
+        tokenizer: needed for ``chat_template``.
+        chat_template: wrap instruction and input as one user turn of the tokenizer's template.
+
+    Returns:
+        The chat-templated prompt, else the row's own ``prompt``, else the Alpaca template.
+
+    Raises:
+        DataError: ``chat_template`` with a tokenizer that has none.
+    """
     if chat_template:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError(
@@ -190,7 +220,16 @@ def build_prompt(ex: InstructExample, tokenizer=None, chat_template: bool = Fals
 
 
 def tokenize_prompt(tokenizer, text: str, max_prompt: int) -> tuple[list[int], bool]:
-    """Prompt ids, keeping the last ``max_prompt`` tokens (the instruction's end matters most)."""
+    """Tokenise a prompt, keeping its last ``max_prompt`` tokens (the end matters most).
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (no special tokens are added).
+        text: the prompt.
+        max_prompt: the most tokens kept.
+
+    Returns:
+        ``(ids, truncated)``.
+    """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) > max_prompt:
         return ids[-max_prompt:], True
