@@ -1,5 +1,7 @@
 """Document-grounded dialogue (MultiDoc2Dial): passages, retrieval, grounding, generation.
 
-Part 1 (this package so far): ``corpus`` (documents → passages, retrieval sets), ``retrieve``
-(BM25, dense, hybrid, rerank), ``train`` (DPR-style bi-encoder, cross-encoder), ``cli``.
+``corpus`` (documents → passages, retrieval sets), ``retrieve`` (BM25, dense, hybrid, rerank),
+``train`` (DPR-style bi-encoder, cross-encoder), ``ground``, ``generate``, ``pipeline``
+(retrieve → ground → generate), ``serve``; ``tasks`` has one function per ``lmsmith dialog``
+command and ``cli`` what each prints.
 """
