@@ -1,7 +1,10 @@
 """One path from YAML + ``--key value`` overrides to typed, self-validating dataclasses.
 
-Nested dataclasses are addressed with dots: ``--train.lr 1e-4`` or, when the name is unique,
-``--lr 1e-4``. Unknown keys are errors that list what exists.
+Nested dataclasses (declared with :func:`nested`) are addressed with dots: ``--train.lr 1e-4``
+or, when the name is unique, ``--lr 1e-4``. Unknown keys are errors that list what exists.
+A field declared ``field(..., required=True)`` must be given on the command line or in the YAML
+file: :func:`parse` (the CLI's path) reports a missing one; :func:`load` does not, so a preset
+(which leaves ``--data`` and the like to the command line) still loads on its own.
 """
 
 from __future__ import annotations
@@ -17,16 +20,29 @@ import yaml
 from lmsmith.errors import UserError
 
 
-def _leaf_fields(cls, prefix="") -> dict[str, tuple[type, str]]:
-    """Map dotted names → (type, help) for every leaf field of a dataclass tree."""
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One settable key of a config tree."""
+
+    type: Any
+    help: str
+    required: bool
+    aliases: tuple[str, ...]
+
+
+def leaf_fields(cls, prefix="", required=()) -> dict[str, Leaf]:
+    """Map dotted names → :class:`Leaf` for every leaf field of a dataclass tree."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
-            out.update(_leaf_fields(t, prefix + f.name + "."))
+            out.update(leaf_fields(t, prefix + f.name + ".", f.metadata.get("required", ())))
         else:
-            out[prefix + f.name] = (t, f.metadata.get("help", ""))
+            req = bool(f.metadata.get("required")) or f.name in required
+            out[prefix + f.name] = Leaf(
+                t, f.metadata.get("help", ""), req, tuple(f.metadata.get("aliases", ()))
+            )
     return out
 
 
@@ -85,6 +101,9 @@ def _resolve_key(key: str, leaves: dict) -> str:
     key = key.replace("-", "_")
     if key in leaves:
         return key
+    aliased = [k for k, leaf in leaves.items() if key in leaf.aliases]
+    if len(aliased) == 1:
+        return aliased[0]
     matches = [k for k in leaves if k.split(".")[-1] == key]
     if len(matches) == 1:
         return matches[0]
@@ -95,11 +114,11 @@ def _resolve_key(key: str, leaves: dict) -> str:
 
 def build(cls, values: dict[str, Any]):
     """Build a dataclass tree from dotted-name values (unknown names are errors)."""
-    leaves = _leaf_fields(cls)
+    leaves = leaf_fields(cls)
     flat = {}
     for k, v in values.items():
         name = _resolve_key(k, leaves)
-        flat[name] = _coerce(v, leaves[name][0], name)
+        flat[name] = _coerce(v, leaves[name].type, name)
 
     def make(c, prefix=""):
         hints = typing.get_type_hints(c)
@@ -138,6 +157,56 @@ def load(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = N
     return build(cls, values)
 
 
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--config FILE`` out of argv; the rest are overrides."""
+    rest, cfg = [], None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            cfg = argv[i + 1]
+            i += 2
+        elif argv[i].startswith("--config="):
+            cfg = argv[i].split("=", 1)[1]
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return cfg, rest
+
+
+def option_name(name: str, leaves: dict) -> str:
+    """The shortest flag that reaches a dotted key: ``--docs`` for ``corpus.docs`` if unique."""
+    last = name.split(".")[-1]
+    short = last if sum(k.split(".")[-1] == last for k in leaves) == 1 else name
+    return "--" + short.replace("_", "-")
+
+
+def missing_required(cfg) -> list[str]:
+    """Flags of the required keys that ``cfg`` leaves empty ('' / None / [])."""
+    leaves = leaf_fields(type(cfg))
+    out = []
+    for name, leaf in leaves.items():
+        if not leaf.required:
+            continue
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value is None or value == [] or (isinstance(value, str) and not value.strip()):
+            out.append(f"{option_name(name, leaves)} ({leaf.help})")
+    return out
+
+
+def parse(cls, argv: list[str]):
+    """The CLI's path: ``[--config FILE.yaml] [--key value ...]`` → a validated ``cls``
+    with every required key given (else one UserError naming the first missing one)."""
+    path, rest = split_config(argv)
+    cfg = load(cls, path, parse_overrides(rest))
+    missing = missing_required(cfg)
+    if missing:
+        raise UserError(f"missing required option {missing[0]}")
+    return cfg
+
+
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """``["--train.lr", "1e-4", "--greedy"]`` → {"train.lr": "1e-4", "greedy": "true"}."""
     out: dict[str, str] = {}
@@ -164,13 +233,28 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def field(default=dataclasses.MISSING, help: str = "", **kw):  # noqa: A002
-    """A dataclass field with a one-line help string (shown by ``lmsmith ... --help``)."""
+def field(
+    default=dataclasses.MISSING,
+    help: str = "",  # noqa: A002
+    required: bool = False,
+    aliases: tuple[str, ...] = (),
+    **kw,
+):
+    """A dataclass field with a one-line help string (shown by ``lmsmith ... --help``).
+
+    ``required=True``: the CLI refuses to run without it (the default only keeps ``cls()``
+    buildable); ``aliases``: other option names, e.g. ``("out",)`` for ``--out``.
+    """
+    meta = {"help": help, "required": required, "aliases": tuple(aliases)}
     if default is not dataclasses.MISSING and isinstance(default, (list, dict)):
-        return dataclasses.field(
-            default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw
-        )
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def nested(cls, required: tuple[str, ...] = ()):
+    """A nested config block, built with its own defaults; ``required`` names fields of the
+    block that this command cannot run without (the index command's ``docs``, say)."""
+    return dataclasses.field(default_factory=cls, metadata={"required": tuple(required)})
 
 
 def describe(cls) -> str:
@@ -181,13 +265,17 @@ def describe(cls) -> str:
         inst = cls()
     except Exception:
         pass
-    for name, (t, h) in _leaf_fields(cls).items():
+    for name, leaf in leaf_fields(cls).items():
+        t, h = leaf.type, leaf.help
         default = ""
-        if inst is not None:
+        if leaf.required:
+            default = " (required)"
+        elif inst is not None:
             obj = inst
             for part in name.split("."):
                 obj = getattr(obj, part)
             default = f" (default {obj!r})"
         tname = getattr(t, "__name__", str(t)).replace("typing.", "")
-        lines.append(f"  --{name} {tname}{default}  {h}")
+        also = "".join(f" (also --{a})" for a in leaf.aliases)
+        lines.append(f"  --{name}{also} {tname}{default}  {h}")
     return "\n".join(lines)

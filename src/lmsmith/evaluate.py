@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     model: str = field("smollm2-135m-instruct", help="model spec: alias, local folder or Hub id")
-    data: str = field("", help="instruction jsonl with references, or hf:NAME[:split]")
+    data: str = field(
+        "", help="instruction jsonl with references, or hf:NAME[:split]", required=True
+    )
     limit: int | None = field(None, help="evaluate the first N rows only")
     seeds: list[int] = field([10, 20, 30], help="sampling seeds (ignored with greedy)")
     max_new_tokens: int = field(256, help="tokens generated per answer")
@@ -164,3 +166,21 @@ def format_table(metrics: dict) -> str:
         + " |",
     ]
     return "\n".join(lines)
+
+
+def run(cfg: EvalConfig) -> dict:
+    """``lmsmith eval``: generate for the rows of ``cfg.data``, score, and write a run folder
+    (config.json, predictions.jsonl, metrics.json); the metrics plus ``run_dir``."""
+    from lmsmith.config import to_dict
+    from lmsmith.data.instruct import load_instruct
+    from lmsmith.models import load_lm
+    from lmsmith.runs import make_run_dir, write_json, write_jsonl
+
+    rows = load_instruct(cfg.data, limit=cfg.limit)
+    model, tok = load_lm(cfg.model)
+    run_dir = make_run_dir(cfg.output_dir, "eval")
+    write_json(run_dir / "config.json", to_dict(cfg))
+    metrics, preds = evaluate_rows(model, tok, rows, cfg)
+    write_jsonl(run_dir / "predictions.jsonl", preds)
+    write_json(run_dir / "metrics.json", metrics)
+    return {**metrics, "run_dir": str(run_dir)}

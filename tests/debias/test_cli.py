@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from lmsmith import config as C
+from lmsmith import config
 from lmsmith.cli import main
 from lmsmith.debias.config import DebiasConfig
 
@@ -29,17 +29,17 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/debias").glob("*.yaml")))
 def test_every_config_file_parses(path):
-    cfg = C.load(DebiasConfig, str(path))
+    cfg = config.load(DebiasConfig, str(path))
     assert isinstance(cfg, DebiasConfig)
 
 
 def test_config_validation_names_the_field():
     with pytest.raises(Exception, match="eval_instructions"):
-        C.load(DebiasConfig, None, {"eval_instructions": "0"})
+        config.load(DebiasConfig, None, {"eval_instructions": "0"})
     with pytest.raises(Exception, match="methods"):
-        C.load(DebiasConfig, None, {"methods": "cc,platt"})
+        config.load(DebiasConfig, None, {"methods": "cc,platt"})
     with pytest.raises(Exception, match="logprob"):
-        C.load(DebiasConfig, None, {"methods": "cc", "mode": "generate"})
+        config.load(DebiasConfig, None, {"methods": "cc", "mode": "generate"})
 
 
 def test_run_end_to_end_on_a_tiny_model(tiny_dir, bbq_file, instruct_file, tmp_path, capsys):

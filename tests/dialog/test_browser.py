@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from lmsmith.dialog.cli import main as dialog_main
+from lmsmith.cli import main as lmsmith_main
 from lmsmith.dialog.config import ServeConfig
 from lmsmith.dialog.generate import load_generator
 from lmsmith.dialog.pipeline import Pipeline
@@ -76,7 +76,9 @@ def test_chat_page_shows_reply_and_citations(tmp_path):
     (docs / "permits.md").write_text(
         "# Permits\n\n## Fees\n\nA parking permit costs twenty dollars a year.\n"
     )
-    assert dialog_main(["index", "--docs", str(docs), "--out", str(tmp_path / "ix")]) == 0
+    assert (
+        lmsmith_main(["dialog", "index", "--docs", str(docs), "--out", str(tmp_path / "ix")]) == 0
+    )
     gen = tmp_path / "gen"
     tiny_causal_lm(vocab_size=100).save_pretrained(gen)
     tiny_tokenizer().save_pretrained(gen)

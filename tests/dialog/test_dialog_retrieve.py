@@ -317,7 +317,9 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert lmsmith_main(["dialog", "search", "--index", str(tmp_path), "--query", "q"]) == 2
     assert lmsmith_main(["dialog", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "needs --data" in err and "bm42" in err and "not an index folder" in err
+    assert (
+        "missing required option --data" in err and "bm42" in err and "not an index folder" in err
+    )
 
 
 def test_hybrid_can_give_bm25_the_current_turn_only(tiny_encoder, passages):

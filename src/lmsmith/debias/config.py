@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmsmith.config import field
+from lmsmith.config import field, nested
 from lmsmith.debias.prompts import INSTRUCTIONS
 
 BASELINES = ("cc", "dc", "random")
@@ -146,25 +146,21 @@ class RetentionConfig:
 @dataclass
 class DebiasConfig:
     model: str = field("smollm2-135m-instruct", help="alias, local HF folder or Hub id")
-    data: str = field("", help="BBQ jsonl file(s) in the official schema, comma-separated")
+    data: str = field(
+        "", help="BBQ jsonl file(s) in the official schema, comma-separated", required=True
+    )
     categories: list[str] = field([], help="keep only these categories (empty = all)")
     scores: str | None = field(None, help="prune/run: reuse this attribution.safetensors")
     output_dir: str | None = field(None, help="run folder (default runs/debias-<time>)")
     progress: bool = field(True, help="show progress bars")
-    split: SplitConfig = None  # type: ignore[assignment]
-    prompt: PromptConfig = None  # type: ignore[assignment]
-    attribution: AttributionConfig = None  # type: ignore[assignment]
-    prune: PruneConfig = None  # type: ignore[assignment]
-    baselines: BaselineConfig = None  # type: ignore[assignment]
-    retention: RetentionConfig = None  # type: ignore[assignment]
+    split: SplitConfig = nested(SplitConfig)
+    prompt: PromptConfig = nested(PromptConfig)
+    attribution: AttributionConfig = nested(AttributionConfig)
+    prune: PruneConfig = nested(PruneConfig)
+    baselines: BaselineConfig = nested(BaselineConfig)
+    retention: RetentionConfig = nested(RetentionConfig)
 
     def __post_init__(self):
-        self.split = self.split or SplitConfig()
-        self.prompt = self.prompt or PromptConfig()
-        self.attribution = self.attribution or AttributionConfig()
-        self.prune = self.prune or PruneConfig()
-        self.baselines = self.baselines or BaselineConfig()
-        self.retention = self.retention or RetentionConfig()
         if not self.model:
             raise ValueError("model must name a model")
         calib = [m for m in self.baselines.methods if m in ("cc", "dc")]

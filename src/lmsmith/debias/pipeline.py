@@ -1,7 +1,9 @@
 """CRISPR end to end: setup → evaluate → attribute → search n → prune → evaluate → save.
 
-Each step is a function the CLI subcommands call; ``run`` calls them all, plus the baselines
-(CC, DC, random units) and the retention check, and writes ``summary.json``.
+One function per ``lmsmith debias`` command, each writing a run folder and returning what the
+CLI prints: :func:`attribute`, :func:`prune`, :func:`evaluate`, and :func:`run_pipeline`, which
+calls every step, plus the baselines (CC, DC, random units) and the retention check, and writes
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from lmsmith import config as C
+from lmsmith import config
 from lmsmith.data import shared_data_dir
 from lmsmith.data.bbq import BBQExample, load_bbq, split_dev_test, subsample
-from lmsmith.debias.attribution import AttributionResult, attribute, candidate_layers, rank_units
+from lmsmith.debias.attribution import AttributionResult, candidate_layers, rank_units
+from lmsmith.debias.attribution import attribute as attribute_units
 from lmsmith.debias.calibrate import calibrate, cc_prior, dc_prior
 from lmsmith.debias.config import DebiasConfig
 from lmsmith.debias.prompts import INSTRUCTIONS
@@ -48,8 +51,6 @@ def load_model(spec: str):
 
 def load_split(cfg: DebiasConfig) -> tuple[list[BBQExample], list[BBQExample]]:
     """(dev, test-to-score): the template-disjoint split, test subsampled to ``test_limit``."""
-    if not cfg.data:
-        raise UserError("debias needs --data FILE (a BBQ jsonl in the official schema)")
     rows = load_bbq(cfg.data, cfg.categories or None)
     dev, test = split_dev_test(rows, cfg.split.dev_frac, cfg.split.split_seed)
     scored = subsample(test, cfg.split.test_limit, cfg.split.split_seed)
@@ -111,7 +112,8 @@ def load_scores(path: str) -> dict[str, torch.Tensor]:
 
 def run_attribution(model, tok, dev, cfg: DebiasConfig) -> AttributionResult:
     a = cfg.attribution
-    res = attribute(model, tok, dev, instructions(a.attr_instructions), a, cfg.prompt, cfg.progress)
+    ins = instructions(a.attr_instructions)
+    res = attribute_units(model, tok, dev, ins, a, cfg.prompt, cfg.progress)
     log.info("attribution over %d samples, mean α %.3f", res.n_samples, res.mean_alpha)
     return res
 
@@ -234,18 +236,107 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _calibrated(logs: torch.Tensor, prior: torch.Tensor, rows) -> dict:
+def calibrated(logs: torch.Tensor, prior: torch.Tensor, rows) -> dict:
+    """BBQ metrics of the option scores ``logs`` (N, I, 3) calibrated by ``prior``."""
     preds = calibrate(logs, prior).argmax(-1)
     return bbq_metrics(rows, preds)
+
+
+def _start(cfg: DebiasConfig, kind: str):
+    """(dev, test, model, tokenizer, run folder with config.json) of one command."""
+    dev, test = load_split(cfg)
+    model, tok = load_model(cfg.model)
+    run = make_run_dir(cfg.output_dir, kind)
+    write_json(run / "config.json", config.to_dict(cfg))
+    return dev, test, model, tok, run
+
+
+def _scores(model, tok, dev, cfg: DebiasConfig, run: Path) -> dict[str, torch.Tensor]:
+    """The attribution scores: loaded from ``cfg.scores``, else computed (and saved in run)."""
+    if cfg.scores:
+        scores = load_scores(cfg.scores)
+        check_scores(model, scores)
+        return scores
+    res = run_attribution(model, tok, dev, cfg)
+    save_attribution(res, run)
+    return res.scores
+
+
+def _choose_n(model, tok, ranked, dev, cfg: DebiasConfig, sink) -> tuple[int, list]:
+    """``cfg.prune.n`` if set, else the golden-section search's choice (and its history)."""
+    if cfg.prune.n is not None:
+        return min(cfg.prune.n, len(ranked)), []
+    return search_n(model, tok, ranked, dev, cfg, sink)
+
+
+def attribute(cfg: DebiasConfig) -> dict:
+    """``lmsmith debias attribute``: score every unit on sampled dev rows; the summary
+    (also in summary.json) plus ``run_dir``."""
+    t0 = time.perf_counter()
+    dev, _, model, tok, run = _start(cfg, "debias-attribute")
+    res = run_attribution(model, tok, dev, cfg)
+    save_attribution(res, run)
+    summary = {
+        "n_samples": res.n_samples,
+        "mean_alpha": res.mean_alpha,
+        "n_units": sum(v.numel() for v in res.scores.values()),
+        "top10": [{"module": m, "index": i, "score": s} for m, i, s in rank_units(res.scores, 10)],
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    write_json(run / "summary.json", summary)
+    return {**summary, "run_dir": str(run)}
+
+
+def prune(cfg: DebiasConfig) -> dict:
+    """``lmsmith debias prune``: choose n, prune, save the model; the summary plus
+    ``model_dir`` and ``run_dir``."""
+    dev, _, model, tok, run = _start(cfg, "debias-prune")
+    scores = _scores(model, tok, dev, cfg, run)
+    ranked = rank_units(scores, top=max(cfg.prune.search_max, cfg.prune.n or 0))
+    n, history = _choose_n(model, tok, ranked, dev, cfg, MetricsSink(run / "metrics.jsonl"))
+    units = units_record(ranked, n)
+    Pruner(model).apply([(u["module"], u["index"]) for u in units])
+    write_json(run / "pruned_units.json", units)
+    save_pruned(model, tok, units, run / "model")
+    summary = {"n_pruned": n, "search": [{"n": a, "dev_accuracy": b} for a, b in history]}
+    write_json(run / "summary.json", summary)
+    return {**summary, "model_dir": str(run / "model"), "run_dir": str(run)}
+
+
+def evaluate(cfg: DebiasConfig) -> dict:
+    """``lmsmith debias eval``: BBQ metrics of the model on the test split, plus the CC / DC
+    baselines named in ``cfg.baselines.methods``; {"results", "n_test_rows_scored",
+    "instructions_per_row", "run_dir"}."""
+    _, test, model, tok, run = _start(cfg, "debias-eval")
+    k = cfg.prompt.eval_instructions
+    s = evaluate_model(model, tok, test, cfg, k, "test")
+    results = {cfg.model: s.metrics}
+    if "cc" in cfg.baselines.methods:
+        prior = cc_prior(
+            model, tok, test, instructions(k), cfg.prompt, cfg.baselines.content_free,
+            cfg.progress,
+        )  # fmt: skip
+        results["CC"] = calibrated(s.logscores, prior, test)
+    if "dc" in cfg.baselines.methods:
+        prior = dc_prior(
+            model, tok, test, instructions(k), cfg.prompt, cfg.baselines.dc_draws,
+            cfg.split.split_seed, cfg.progress,
+        )  # fmt: skip
+        results["DC"] = calibrated(s.logscores, prior, test)
+    write_json(run / "metrics.json", results)
+    write_json(run / "summary.json", {key: s.metrics[key] for key in SUMMARY_KEYS})
+    return {
+        "results": results,
+        "n_test_rows_scored": len(test),
+        "instructions_per_row": k,
+        "run_dir": str(run),
+    }
 
 
 def run_pipeline(cfg: DebiasConfig) -> dict:
     """The whole pipeline; returns the summary (also written to the run folder)."""
     t0 = time.perf_counter()
-    dev, test = load_split(cfg)
-    model, tok = load_model(cfg.model)
-    run = make_run_dir(cfg.output_dir, "debias")
-    write_json(run / "config.json", C.to_dict(cfg))
+    dev, test, model, tok, run = _start(cfg, "debias")
     sink = MetricsSink(run / "metrics.jsonl")
     k_eval = cfg.prompt.eval_instructions
     log.info("run folder %s", run)
@@ -259,29 +350,20 @@ def run_pipeline(cfg: DebiasConfig) -> dict:
             model, tok, test, instructions(k_eval), cfg.prompt, cfg.baselines.content_free,
             cfg.progress,
         )  # fmt: skip
-        results["CC"] = _calibrated(before.logscores, prior, test)
+        results["CC"] = calibrated(before.logscores, prior, test)
         sink.log(step="cc", **results["CC"])
     if "dc" in methods:
         prior = dc_prior(
             model, tok, test, instructions(k_eval), cfg.prompt, cfg.baselines.dc_draws,
             cfg.split.split_seed, cfg.progress,
         )  # fmt: skip
-        results["DC"] = _calibrated(before.logscores, prior, test)
+        results["DC"] = calibrated(before.logscores, prior, test)
         sink.log(step="dc", **results["DC"])
     keep_before = retention(model, tok, cfg)
 
-    if cfg.scores:
-        scores = load_scores(cfg.scores)
-        check_scores(model, scores)
-    else:
-        res = run_attribution(model, tok, dev, cfg)
-        save_attribution(res, run)
-        scores = res.scores
+    scores = _scores(model, tok, dev, cfg, run)
     ranked = rank_units(scores, top=max(cfg.prune.search_max, cfg.prune.n or 0))
-    if cfg.prune.n is not None:
-        n, history = min(cfg.prune.n, len(ranked)), []
-    else:
-        n, history = search_n(model, tok, ranked, dev, cfg, sink)
+    n, history = _choose_n(model, tok, ranked, dev, cfg, sink)
     write_json(run / "search.json", [{"n": a, "dev_accuracy": b} for a, b in history])
 
     pruner = Pruner(model)

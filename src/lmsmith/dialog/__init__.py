@@ -4,8 +4,8 @@
 hybrid and reranking retrievers (``build_retriever``, ``save_index`` / ``load_index``),
 ``train`` fine-tunes bi- and cross-encoders, ``ground`` finds the span a reply rests on,
 ``generate`` writes replies (``load_generator``, ``train_generator``), ``pipeline`` puts one
-turn together (``Pipeline``, ``evaluate``), ``serve`` answers over HTTP, ``cli`` is the
-``lmsmith dialog ...`` command::
+turn together (``Pipeline``, ``evaluate``), ``serve`` answers over HTTP, ``tasks`` has one
+function per ``lmsmith dialog`` command and ``cli`` what each prints::
 
     from lmsmith import dialog
 

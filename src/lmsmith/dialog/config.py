@@ -1,27 +1,34 @@
-"""Typed configs of the dialog retrieval commands (index, search, train-retriever, eval-retrieval).
+"""Typed configs of the ``lmsmith dialog`` commands: shared blocks, then one class per command.
 
-Nested blocks are addressed with dots or, where the name is unique, directly:
-``--bm25.k1 1.2`` or ``--k1 1.2``; ``--encoder PATH``; ``--reranker PATH``.
+A field shared by several commands is declared once, in a block the commands compose with
+:func:`lmsmith.config.nested`: ``corpus`` (the documents and how they become passages),
+``settings`` (the retrievers), ``gen`` (the reply model), ``grounding``. Blocks are addressed
+with dots or, where the name is unique, directly: ``--bm25.k1 1.2`` or ``--k1 1.2``;
+``--docs PATH``; ``--encoder PATH``; ``--reranker PATH``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from lmsmith.config import field
+from lmsmith.config import field, nested
 
 RetrieverKind = Literal["bm25", "dense", "hybrid", "rerank"]
 
 
-def _nested(cls):
-    """A nested config block (built with its own defaults)."""
-    return dataclasses.field(default_factory=cls)
+def progress_switch(default: bool = True):
+    """The ``progress`` switch every long-running command has."""
+    return field(default, help="show progress bars")
 
 
 @dataclass
 class CorpusConfig:
+    docs: str | None = field(
+        None,
+        help="documents: folder (md/txt/html), MD2D doc file, DPR sample or jsonl "
+        "(with --data: the MD2D doc file, default beside the dial file)",
+    )
     segmentation: Literal["structure", "token"] = field(
         "structure", help="passages by document sections or by fixed token windows"
     )
@@ -105,28 +112,29 @@ class RerankConfig:
 
 @dataclass
 class RetrieverConfig:
-    bm25: BM25Config = _nested(BM25Config)
-    dense: DenseConfig = _nested(DenseConfig)
-    fusion: FusionConfig = _nested(FusionConfig)
-    rerank: RerankConfig = _nested(RerankConfig)
+    bm25: BM25Config = nested(BM25Config)
+    dense: DenseConfig = nested(DenseConfig)
+    fusion: FusionConfig = nested(FusionConfig)
+    rerank: RerankConfig = nested(RerankConfig)
 
 
 @dataclass
 class IndexConfig:
-    docs: str | None = field(
-        None, help="documents: folder (md/txt/html), MD2D doc file, DPR sample, jsonl"
+    corpus: CorpusConfig = nested(CorpusConfig, required=("docs",))
+    output: str = field(
+        "", help="index folder to write (replaced atomically)", required=True, aliases=("out",)
     )
-    output: str = field("", help="index folder to write (replaced atomically)")
     retriever: RetrieverKind = field("bm25", help="which retriever to build")
-    progress: bool = field(True, help="show progress bars")
-    corpus: CorpusConfig = _nested(CorpusConfig)
-    settings: RetrieverConfig = _nested(RetrieverConfig)
+    progress: bool = progress_switch()
+    settings: RetrieverConfig = nested(RetrieverConfig)
 
 
 @dataclass
 class SearchConfig:
-    index: str | None = field(None, help="index folder written by `lmsmith dialog index`")
-    query: str = field("", help="the question (current turn first)")
+    index: str | None = field(
+        None, help="index folder written by `lmsmith dialog index`", required=True
+    )
+    query: str = field("", help="the question (current turn first)", required=True)
     k: int = field(5, help="passages returned")
     json: str | None = field(None, help="also write the hits to this JSON file")
 
@@ -138,9 +146,10 @@ class SearchConfig:
 @dataclass
 class EvalRetrievalConfig:
     data: str = field(
-        "", help="queries: MD2D dial file, DPR sample json, or instruction jsonl (contexts)"
+        "",
+        help="queries: MD2D dial file, DPR sample json, or instruction jsonl (contexts)",
+        required=True,
     )
-    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
     extra_docs: list[str] = field([], help="instruction jsonl whose contexts join the corpus")
     retriever: RetrieverKind = field("bm25", help="retriever to evaluate")
     index: str | None = field(None, help="reuse this index folder instead of building one")
@@ -148,9 +157,9 @@ class EvalRetrievalConfig:
     run_dir: str | None = field(None, help="also write per-query rankings here")
     depth: int = field(100, help="passages retrieved per query (MRR cut-off)")
     limit: int | None = field(None, help="evaluate the first N queries only")
-    progress: bool = field(True, help="show progress bars")
-    corpus: CorpusConfig = _nested(CorpusConfig)
-    settings: RetrieverConfig = _nested(RetrieverConfig)
+    progress: bool = progress_switch()
+    corpus: CorpusConfig = nested(CorpusConfig)
+    settings: RetrieverConfig = nested(RetrieverConfig)
 
     def __post_init__(self):
         if self.depth < 10:
@@ -161,13 +170,14 @@ class EvalRetrievalConfig:
 
 @dataclass
 class TrainRetrieverConfig:
-    data: str = field("", help="training queries: MD2D dial file or instruction jsonl")
-    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
+    data: str = field(
+        "", help="training queries: MD2D dial file or instruction jsonl", required=True
+    )
     model: Literal["bi-encoder", "cross-encoder"] = field(
         "bi-encoder", help="DPR-style bi-encoder, or a cross-encoder reranker"
     )
     init: str = field("minilm-l6", help="starting encoder: alias, HF folder or Hub id")
-    output: str = field("", help="folder for the trained HF model (+ metrics.jsonl)")
+    output: str = field("", help="folder for the trained HF model (+ metrics.jsonl)", required=True)
     epochs: int = field(2, help="passes over the training queries")
     batch_size: int = field(16, help="queries per step (bi-encoder: in-batch negatives)")
     lr: float = field(2e-5, help="AdamW learning rate")
@@ -183,8 +193,8 @@ class TrainRetrieverConfig:
     query_max_length: int = field(128, help="bi-encoder query tokens")
     max_queries: int | None = field(None, help="train on the first N queries only")
     seed: int = field(0, help="random seed")
-    progress: bool = field(True, help="show progress bars")
-    corpus: CorpusConfig = _nested(CorpusConfig)
+    progress: bool = progress_switch()
+    corpus: CorpusConfig = nested(CorpusConfig)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_length", "query_max_length"):
@@ -252,16 +262,18 @@ class GroundConfig:
 
 @dataclass
 class AnswerConfig:
-    index: str | None = field(None, help="index folder written by `lmsmith dialog index`")
-    query: str = field("", help="the user's message")
+    index: str | None = field(
+        None, help="index folder written by `lmsmith dialog index`", required=True
+    )
+    query: str = field("", help="the user's message", required=True)
     history: list[str] = field(
         [], help="earlier turns, oldest first, alternating user/agent (comma-separated)"
     )
     k: int = field(3, help="passages retrieved and put in the prompt")
     json: str | None = field(None, help="also write the answer to this JSON file")
-    progress: bool = field(False, help="show progress bars")
-    gen: GenConfig = _nested(GenConfig)
-    grounding: GroundConfig = _nested(GroundConfig)
+    progress: bool = progress_switch(False)
+    gen: GenConfig = nested(GenConfig)
+    grounding: GroundConfig = nested(GroundConfig)
 
     def __post_init__(self):
         if self.k < 1:
@@ -270,8 +282,9 @@ class AnswerConfig:
 
 @dataclass
 class DialogEvalConfig:
-    data: str = field("", help="MD2D dial file, or instruction jsonl (rows with a context)")
-    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
+    data: str = field(
+        "", help="MD2D dial file, or instruction jsonl (rows with a context)", required=True
+    )
     extra_docs: list[str] = field([], help="instruction jsonl whose contexts join the corpus")
     retriever: RetrieverKind = field("bm25", help="retriever built over the corpus")
     no_retrieval: bool = field(False, help="baseline: no documents in the prompt at all")
@@ -280,11 +293,11 @@ class DialogEvalConfig:
     limit: int | None = field(None, help="evaluate the first N turns only")
     json: str | None = field(None, help="write the metrics here")
     run_dir: str | None = field(None, help="also write config, metrics and predictions here")
-    progress: bool = field(True, help="show progress bars")
-    corpus: CorpusConfig = _nested(CorpusConfig)
-    settings: RetrieverConfig = _nested(RetrieverConfig)
-    gen: GenConfig = _nested(GenConfig)
-    grounding: GroundConfig = _nested(GroundConfig)
+    progress: bool = progress_switch()
+    corpus: CorpusConfig = nested(CorpusConfig)
+    settings: RetrieverConfig = nested(RetrieverConfig)
+    gen: GenConfig = nested(GenConfig)
+    grounding: GroundConfig = nested(GroundConfig)
 
     def __post_init__(self):
         if self.k < 1:
@@ -297,9 +310,8 @@ class DialogEvalConfig:
 
 @dataclass
 class TrainGeneratorConfig:
-    data: str = field("", help="training turns: MD2D dial file or instruction jsonl")
-    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
-    output: str = field("", help="folder for the merged HF model (+ metrics.jsonl)")
+    data: str = field("", help="training turns: MD2D dial file or instruction jsonl", required=True)
+    output: str = field("", help="folder for the merged HF model (+ metrics.jsonl)", required=True)
     multitask: bool = field(
         False, help="also train grounding-span copying in the same model (else reply only)"
     )
@@ -311,9 +323,9 @@ class TrainGeneratorConfig:
     gradient_checkpointing: bool = field(True, help="recompute activations: far less memory")
     limit: int | None = field(None, help="train on the first N turns only")
     seed: int = field(0, help="random seed")
-    progress: bool = field(True, help="show progress bars")
-    corpus: CorpusConfig = _nested(CorpusConfig)
-    gen: GenConfig = _nested(GenConfig)
+    progress: bool = progress_switch()
+    corpus: CorpusConfig = nested(CorpusConfig)
+    gen: GenConfig = nested(GenConfig)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "lora_rank", "max_total_tokens"):
@@ -327,18 +339,17 @@ class TrainGeneratorConfig:
 
 @dataclass
 class TrainReaderConfig:
-    data: str = field("", help="training turns: MD2D dial file or instruction jsonl")
-    docs: str | None = field(None, help="MD2D doc file (default: beside the dial file)")
+    data: str = field("", help="training turns: MD2D dial file or instruction jsonl", required=True)
     init: str = field("minilm-l6", help="starting encoder: alias, HF folder or Hub id")
-    output: str = field("", help="folder for the trained reader (HF QA model)")
+    output: str = field("", help="folder for the trained reader (HF QA model)", required=True)
     epochs: int = field(2, help="passes over the training turns")
     batch_size: int = field(8, help="examples per step")
     lr: float = field(5e-5, help="AdamW learning rate")
     max_length: int = field(256, help="tokens of query + passage")
     limit: int | None = field(None, help="train on the first N turns only")
     seed: int = field(0, help="random seed")
-    progress: bool = field(True, help="show progress bars")
-    corpus: CorpusConfig = _nested(CorpusConfig)
+    progress: bool = progress_switch()
+    corpus: CorpusConfig = nested(CorpusConfig)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_length"):
@@ -352,15 +363,17 @@ class TrainReaderConfig:
 
 @dataclass
 class ServeConfig:
-    index: str | None = field(None, help="index folder written by `lmsmith dialog index`")
+    index: str | None = field(
+        None, help="index folder written by `lmsmith dialog index`", required=True
+    )
     host: str = field("127.0.0.1", help="address to listen on (0.0.0.0 exposes it)")
     port: int = field(8000, help="TCP port (0: any free port)")
     k: int = field(3, help="passages retrieved and cited per reply")
     max_body_bytes: int = field(16384, help="largest request body accepted (else 413)")
     max_message_chars: int = field(2000, help="longest message accepted (else 413)")
     max_conversations: int = field(1000, help="conversations kept in memory (oldest dropped)")
-    gen: GenConfig = _nested(GenConfig)
-    grounding: GroundConfig = _nested(GroundConfig)
+    gen: GenConfig = nested(GenConfig)
+    grounding: GroundConfig = nested(GroundConfig)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -368,54 +381,3 @@ class ServeConfig:
         for name in ("k", "max_body_bytes", "max_message_chars", "max_conversations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-# Every subcommand's config, by name. Part 2 (answer, eval, serve) adds its own here.
-COMMAND_CONFIGS: dict[str, type] = {
-    "index": IndexConfig,
-    "search": SearchConfig,
-    "eval-retrieval": EvalRetrievalConfig,
-    "train-retriever": TrainRetrieverConfig,
-    "train-reader": TrainReaderConfig,
-    "train-generator": TrainGeneratorConfig,
-    "answer": AnswerConfig,
-    "eval": DialogEvalConfig,
-    "serve": ServeConfig,
-}
-
-
-def _union_of(name: str, classes: list[type]) -> type:
-    """A dataclass with every field of ``classes`` (a name shared by two must have one type);
-    its ``__post_init__`` builds each class from its own fields, so their checks all run."""
-    import typing
-
-    fields: dict[str, tuple] = {}
-    for cls in classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            t = hints[f.name]
-            if f.name in fields:
-                if fields[f.name][1] != t:
-                    raise TypeError(f"{name}: field '{f.name}' is {fields[f.name][1]} and {t}")
-                continue
-            kw = {"metadata": f.metadata}
-            if f.default is not dataclasses.MISSING:
-                kw["default"] = f.default
-            else:
-                kw["default_factory"] = f.default_factory
-            fields[f.name] = (f.name, t, dataclasses.field(**kw))
-
-    def __post_init__(self):
-        for cls in classes:
-            cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
-
-    return dataclasses.make_dataclass(
-        name, list(fields.values()), namespace={"__post_init__": __post_init__}
-    )
-
-
-DialogConfig = _union_of("DialogConfig", list(COMMAND_CONFIGS.values()))
-DialogConfig.__doc__ = (
-    "Every key a configs/dialog preset may set: the union of the subcommands' configs "
-    "(each command parses its own class; this one validates presets as a whole)."
-)

@@ -285,6 +285,33 @@ def sniff(path) -> str:
     )
 
 
+def data_source(data, docs=None) -> tuple[str, str | None]:
+    """(kind, doc file) of a ``--data`` file: :func:`sniff`'s kind, and for a MultiDoc2Dial
+    dial file its doc file (``docs``, else ``multidoc2dial_doc.json`` beside it)."""
+    kind = sniff(data)
+    if kind != "md2d-dials":
+        return kind, None
+    doc_file = docs or str(Path(data).with_name("multidoc2dial_doc.json"))
+    if not Path(doc_file).is_file():
+        raise UserError(f"MultiDoc2Dial documents not found at '{doc_file}'; pass --docs FILE")
+    return kind, doc_file
+
+
+def load_set(data, corpus, extra_docs=()) -> RetrievalSet:
+    """A RetrievalSet from a MD2D dial file, a DPR sample file or an instruction jsonl;
+    ``corpus`` is a :class:`~lmsmith.dialog.config.CorpusConfig`."""
+    kind, doc_file = data_source(data, corpus.docs)
+    if kind == "md2d-dials":
+        return md2d_set(
+            data, doc_file, corpus.segmentation, corpus.size, corpus.stride, corpus.max_history
+        )
+    if kind == "dpr-sample":
+        return dpr_sample_set(data, corpus.max_history)
+    if kind == "instruct":
+        return instruct_set([data], list(extra_docs))
+    raise UserError(f"{data}: a MultiDoc2Dial doc file has no queries; pass a dial file as --data")
+
+
 def save_passages(passages: list[Passage], path) -> None:
     from lmsmith.runs import write_jsonl
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from lmsmith.dialog.generate import DialogExample, dialog_prompt, generate_texts
-from lmsmith.dialog.ground import Grounding, sentence_ground
+from lmsmith.dialog.ground import Grounding, passage_body, sentence_ground, target_span
+from lmsmith.errors import UserError
 from lmsmith.metrics.qa import reply_scores, squad_scores
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,95 @@ def instruct_items(path) -> list[EvalItem]:
             )
         )
     return out
+
+
+def load_items(data, corpus, extra_docs=()) -> tuple[list[EvalItem], list]:
+    """(items, passages) of a MD2D dial file or an instruction jsonl, for eval and training;
+    ``corpus`` is a :class:`~lmsmith.dialog.config.CorpusConfig`."""
+    from lmsmith.data.md2d import load_docs
+    from lmsmith.dialog.corpus import data_source, instruct_set, segment
+
+    kind, doc_file = data_source(data, corpus.docs)
+    if kind == "md2d-dials":
+        docs = list(load_docs(doc_file).values())
+        passages = segment(docs, corpus.segmentation, corpus.size, corpus.stride)
+        return md2d_items(data, doc_file, passages), passages
+    if kind == "instruct":
+        return instruct_items(data), instruct_set([data], list(extra_docs)).passages
+    raise UserError(f"{data}: needs a MD2D dial file or an instruction jsonl (got {kind})")
+
+
+def training_examples(items: list[EvalItem]) -> list[DialogExample]:
+    """DialogExamples with the gold passages and grounding / reply targets."""
+    out = []
+    for it in items:
+        span = ""
+        for p in it.gold_passages:
+            body, _ = passage_body(p.text)
+            se = target_span(body, it.grounding_refs[0])
+            if se is not None:
+                span = body[se[0] : se[1]]
+                break
+        out.append(
+            DialogExample(
+                it.current,
+                list(it.history),
+                list(it.gold_passages),
+                grounding=span,
+                reply=it.reply_refs[0],
+                target_grounding=span,
+            )
+        )
+    return out
+
+
+def reader_examples(items: list[EvalItem]) -> list:
+    """One ReaderExample per (item, gold passage): the grounding span's place in the body."""
+    from lmsmith.dialog.ground import ReaderExample
+
+    out = []
+    for it in items:
+        for p in it.gold_passages:
+            body, _ = passage_body(p.text)
+            out.append(ReaderExample(it.current, body, target_span(body, it.grounding_refs[0])))
+    return out
+
+
+def history_pairs(turns: list[str]) -> list[tuple[str, str]]:
+    """Oldest-first alternating user/agent turns → (role, text) most recent first."""
+    roles = ["user", "agent"]
+    return list(reversed([(roles[i % 2], t) for i, t in enumerate(turns)]))
+
+
+def prompt_kw(gen) -> dict:
+    """Prompt options of a :class:`~lmsmith.dialog.config.GenConfig`."""
+    return {"passage_words": gen.passage_words, "max_history": gen.max_turns}
+
+
+def build_pipeline(retriever, gen, grounding, k: int) -> Pipeline:
+    """A :class:`Pipeline` from the shared ``gen`` / ``grounding`` config blocks."""
+    from lmsmith.dialog.generate import load_generator
+    from lmsmith.dialog.ground import ExtractiveReader
+
+    model, tok, seq2seq = load_generator(gen.generator)
+    reader = None
+    if grounding.grounder == "reader":
+        reader = ExtractiveReader.load(
+            grounding.reader, grounding.reader_max_length, grounding.max_answer_tokens
+        )
+    return Pipeline(
+        retriever,
+        model,
+        tok,
+        grounder=grounding.grounder,
+        reader=reader,
+        k=k,
+        seq2seq=seq2seq,
+        max_new_tokens=gen.max_new_tokens,
+        max_prompt_tokens=gen.max_prompt_tokens,
+        batch_size=gen.gen_batch_size,
+        prompt_kw=prompt_kw(gen),
+    )
 
 
 class Pipeline:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from dataclasses import field as dc_field
 from typing import Literal
 
-from lmsmith.config import field
+from lmsmith.config import field, nested
 from lmsmith.distill.losses import Divergence
 from lmsmith.distill.rollout import Schedule
 from lmsmith.precision import Precision
@@ -159,10 +158,10 @@ class TrainConfig:
 
 @dataclass
 class DistillConfig:
-    model: ModelConfig = dc_field(default_factory=ModelConfig)
-    data: DataConfig = dc_field(default_factory=DataConfig)
-    rollout: RolloutConfig = dc_field(default_factory=RolloutConfig)
-    train: TrainConfig = dc_field(default_factory=TrainConfig)
+    model: ModelConfig = nested(ModelConfig)
+    data: DataConfig = nested(DataConfig)
+    rollout: RolloutConfig = nested(RolloutConfig)
+    train: TrainConfig = nested(TrainConfig)
 
     @property
     def policy(self) -> str:

@@ -8,13 +8,13 @@ and after, and the teacher-intervention rate.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from lmsmith import config as C
+from lmsmith import config
 from lmsmith.data.instruct import (
     InstructExample,
     build_prompt,
@@ -26,7 +26,7 @@ from lmsmith.distill.config import DistillConfig
 from lmsmith.generation import generate
 from lmsmith.metrics.rouge import rouge_l
 from lmsmith.models import cache_home, layer_pruned, load_lm
-from lmsmith.precision import describe, hardware, resolve_precision
+from lmsmith.precision import Precision, describe, hardware, resolve_precision
 from lmsmith.runs import make_run_dir, write_json
 
 TEACHER = "smollm2-135m-instruct"
@@ -60,20 +60,25 @@ def score(model, tok, rows: list[InstructExample], max_new: int) -> float:
     return sum(rouge_l(a, r.references) for a, r in zip(answers, rows)) / len(rows)
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="lmsmith demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=10, help="student layers (of 30)")
-    ap.add_argument("--warmup-steps", type=int, default=30)
-    ap.add_argument("--switch-steps", type=int, default=12)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="auto: bf16 where the CPU/GPU computes it natively, else fp32",
+@dataclass
+class DemoConfig:
+    layers: int = config.field(10, help="student layers (of 30)")
+    warmup_steps: int = config.field(30, help="SFT warm-up steps")
+    switch_steps: int = config.field(12, help="SWITCH steps")
+    max_new_tokens: int = config.field(64, help="tokens generated per answer")
+    precision: Precision = config.field(
+        "auto", help="auto: bf16 where the CPU/GPU computes it natively, else fp32"
     )
-    ap.add_argument("--output-dir", default=None)
-    args = ap.parse_args(argv)
+    output_dir: str | None = config.field(None, help="run folder (default runs/demo-<time>)")
+
+    def __post_init__(self):
+        for name in ("layers", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def main(args: DemoConfig) -> dict:
+    """The demo, printing each step as it goes (it is the `make demo` script); the summary."""
     t0 = time.perf_counter()
     run = make_run_dir(args.output_dir, "demo")
     precision = resolve_precision(args.precision)
@@ -94,7 +99,7 @@ def main(argv: list[str]) -> int:
     teacher_score = score(teacher, tok, eval_rows, args.max_new_tokens)
 
     def cfg(method: str, steps: int, out: Path, lr: float) -> DistillConfig:
-        return C.load(
+        return config.load(
             DistillConfig,
             None,
             {
@@ -151,4 +156,4 @@ def main(argv: list[str]) -> int:
         f"summary.json and the student)\nstudent after SWITCH: {s['student_dir']}"
     )
     print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min")
-    return 0
+    return summary
