@@ -29,7 +29,7 @@ import torch
 from sentence_transformers.cross_encoder.losses import (
     MultipleNegativesRankingLoss as CrossEncoderMNRL,
 )
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from lmsmith.dialog.config import BM25Config, TrainRetrieverConfig
 from lmsmith.dialog.corpus import Passage, Query, RetrievalSet
@@ -152,6 +152,7 @@ def _args(cls, cfg: TrainRetrieverConfig, out: str, **kw):
 def _train(trainer_cls, args, model, loss, dataset, spe: int, sink: MetricsSink, extra=None):
     cb = _Sink(sink, spe, extra)
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[cb])
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl, not stdout
     trainer.train()
     return trainer.state.global_step, [sum(x) / len(x) for x in cb.epoch_losses]
 
