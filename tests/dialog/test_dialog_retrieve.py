@@ -20,10 +20,8 @@ from lmsmith.dialog.retrieve import (
     HybridRetriever,
     RerankRetriever,
     bm25_tokenize,
-    encode,
     load_encoder,
     load_index,
-    mean_pool,
     rrf_fuse,
     weighted_fuse,
 )
@@ -102,13 +100,9 @@ def test_bm25_matches_the_formula_on_a_hand_checked_case():
 
 
 def test_bm25_tokenizer_drops_stopwords_and_single_letters():
-    assert bm25_tokenize("Is the GI Bill a benefit?") == ["gi", "bill", "benefit"]
-    assert bm25_tokenize("What is the GI Bill?", stopwords=False) == [
-        "what",
-        "is",
-        "the",
-        "gi",
-        "bill",
+    assert bm25_tokenize(["Is the GI Bill a benefit?"]) == [["gi", "bill", "benefit"]]
+    assert bm25_tokenize(["What is the GI Bill?"], stopwords=False) == [
+        ["what", "is", "the", "gi", "bill"]
     ]
 
 
@@ -128,20 +122,21 @@ def test_bm25_finds_the_obvious_passages_and_survives_save_load(passages, tmp_pa
 # --------------------------------------------------------------------------- dense
 
 
-def test_mean_pool_ignores_padding_and_empty_rows():
+def test_mean_pool_ignores_padding_and_empty_rows(tiny_encoder):
+    pool = load_encoder(tiny_encoder)[1]  # sentence-transformers' Pooling, mean mode
     h = torch.tensor(
         [[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 5.0], [0.0, 0.0], [0.0, 0.0]]]
     )
     m = torch.tensor([[1, 1, 0], [0, 0, 0]])
-    out = mean_pool(h, m)
+    out = pool({"token_embeddings": h, "attention_mask": m})["sentence_embedding"]
     assert out.tolist() == [[2.0, 3.0], [0.0, 0.0]]
 
 
 def test_encoding_does_not_depend_on_batch_padding(tiny_encoder):
-    model, tok = load_encoder(tiny_encoder)
-    alone = encode(model, tok, ["renew license"], 64)
-    batched = encode(
-        model, tok, ["renew license", "a much longer text about the gi bill " * 3], 64, 2
+    model = load_encoder(tiny_encoder, max_length=64)
+    alone = model.encode_document(["renew license"])
+    batched = model.encode_document(
+        ["renew license", "a much longer text about the gi bill " * 3], batch_size=2
     )
     np.testing.assert_allclose(alone[0], batched[0], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
@@ -150,9 +145,9 @@ def test_encoding_does_not_depend_on_batch_padding(tiny_encoder):
 def test_faiss_search_equals_brute_force(tiny_encoder, passages, tmp_path):
     r = DenseRetriever(DenseConfig(encoder=tiny_encoder, max_length=64, batch_size=3))
     r.index(passages)
-    model, tok = load_encoder(tiny_encoder)
-    P = encode(model, tok, [p.text for p in passages], 64)  # (N, H)
-    Q = encode(model, tok, QUERIES, r.cfg.query_max_length)  # (Q, H)
+    model = load_encoder(tiny_encoder, 64, r.cfg.query_max_length)
+    P = model.encode_document([p.text for p in passages])  # (N, H)
+    Q = model.encode_query(QUERIES)  # (Q, H)
     S = Q @ P.T
     for qi, hits in enumerate(r.search_batch(QUERIES, 5)):
         order = np.argsort(-S[qi], kind="stable")[:5]

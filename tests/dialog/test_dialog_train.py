@@ -10,45 +10,45 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 
 from lmsmith.dialog.config import TrainRetrieverConfig
 from lmsmith.dialog.corpus import Passage, Query, RetrievalSet, md2d_set
-from lmsmith.dialog.train import (
-    dpr_loss,
-    listwise_loss,
-    mine_hard_negatives,
-    train_bi_encoder,
-    train_cross_encoder,
-)
+from lmsmith.dialog.train import mine_hard_negatives, train_bi_encoder, train_cross_encoder
 
 
-def test_dpr_loss_is_cross_entropy_over_scaled_similarities():
+def test_dpr_loss_is_cross_entropy_over_scaled_similarities(tiny_encoder):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from lmsmith.dialog.retrieve import load_encoder
+
+    loss = MultipleNegativesRankingLoss(load_encoder(tiny_encoder), scale=20.0)
     torch.manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-    p = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
-    t = torch.tensor([0, 1, 2])
-    logits = 20.0 * q @ p.T
-    manual = -(logits.log_softmax(-1)[torch.arange(3), t]).mean()
-    assert dpr_loss(q, p, t, scale=20.0).item() == pytest.approx(manual.item(), rel=1e-6)
-    # a passage that is not allowed (another copy of the gold) drops out of the softmax
-    allowed = torch.ones(3, 5, dtype=torch.bool)
-    allowed[0, 3] = False
-    masked = torch.cat([logits[0, :3], logits[0, 4:]])
-    expected0 = -(masked.log_softmax(-1)[0])
-    per_q = [dpr_loss(q[i : i + 1], p, t[i : i + 1], allowed[i : i + 1]).item() for i in range(3)]
-    assert per_q[0] == pytest.approx(expected0.item(), rel=1e-5)
-    # the gold itself is always allowed, even if the mask says otherwise
-    allowed[1, 1] = False
-    assert torch.isfinite(dpr_loss(q, p, t, allowed))
+    q, pos, neg = (torch.nn.functional.normalize(torch.randn(3, 8), dim=-1) for _ in range(3))
+    # in-batch negatives (the other golds) + hard negatives (extra columns)
+    logits = 20.0 * q @ torch.cat([pos, neg]).T  # (3, 6)
+    manual = -(logits.log_softmax(-1)[torch.arange(3), torch.arange(3)]).mean()
+    got = loss.compute_loss_from_embeddings([q, pos, neg], None)
+    assert got.item() == pytest.approx(manual.item(), rel=1e-5)
     # perfect, well-separated retrieval costs almost nothing
     eye = torch.eye(3, 8)
-    assert dpr_loss(eye, eye, t, scale=50.0).item() < 1e-6
+    loss.scale = 50.0
+    assert loss.compute_loss_from_embeddings([eye, eye], None).item() < 1e-6
 
 
-def test_listwise_loss_prefers_the_gold_in_column_zero():
+def test_listwise_loss_prefers_the_gold_in_column_zero(tiny_cross):
+    from lmsmith.dialog.retrieve import load_cross_encoder
+    from lmsmith.dialog.train import HardNegativesOnlyLoss
+
+    loss = HardNegativesOnlyLoss(load_cross_encoder(tiny_cross))
+
+    def listwise_loss(scores):  # (B, 1 + n): the columns as the loss receives them
+        return loss.calculate_loss(list(scores.T), scores.shape[0])
+
     good = torch.tensor([[5.0, 0.0, 0.0]])
     bad = torch.tensor([[0.0, 5.0, 0.0]])
     assert listwise_loss(good) < listwise_loss(bad)
     assert listwise_loss(torch.zeros(2, 4)).item() == pytest.approx(
         torch.log(torch.tensor(4.0)).item()
     )
+    # no random in-batch negatives: a query only sees its own group
+    assert list(loss.get_in_batch_negatives(["a", "b"], [["x", "y"]])) == []
 
 
 def test_hard_negatives_come_from_the_rank_window_and_exclude_gold():
@@ -98,9 +98,12 @@ def test_bi_encoder_fine_tuning_lowers_the_loss_and_saves_an_hf_model(
 ):
     from lmsmith.dialog.retrieve import load_encoder
 
-    model, tok = load_encoder(tiny_encoder)
+    model = load_encoder(tiny_encoder, max_length=48, query_max_length=32)
+    for m in model.modules():  # a 32-wide model's dropout noise swamps the per-epoch losses
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     cfg = _cfg(tmp_path, "bi-encoder")
-    s = train_bi_encoder(cfg, _train_set(md2d_dir), model, tok)
+    s = train_bi_encoder(cfg, _train_set(md2d_dir), model)
     losses = s["epoch_losses"]
     assert len(losses) == 8 and losses[-1] < 0.7 * losses[0]
     out = tmp_path / "bi-encoder"
@@ -112,12 +115,14 @@ def test_bi_encoder_fine_tuning_lowers_the_loss_and_saves_an_hf_model(
 
 
 def test_cross_encoder_fine_tuning_lowers_the_loss(tiny_cross, md2d_dir, tmp_path):
-    from transformers import AutoTokenizer
+    from lmsmith.dialog.retrieve import load_cross_encoder
 
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_cross)
-    tok = AutoTokenizer.from_pretrained(tiny_cross)
+    model = load_cross_encoder(tiny_cross, max_length=48)
+    for m in model.modules():  # as above: no dropout noise in a 32-wide model
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     cfg = _cfg(tmp_path, "cross-encoder", hard_negatives=2)
-    s = train_cross_encoder(cfg, _train_set(md2d_dir), model, tok)
+    s = train_cross_encoder(cfg, _train_set(md2d_dir), model)
     losses = s["epoch_losses"]
     assert losses[-1] < 0.7 * losses[0]
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cross-encoder")

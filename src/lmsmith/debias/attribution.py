@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from lmsmith.data.bbq import BBQExample
 from lmsmith.debias.prompts import example_prompt, option_text, uses_chat
-from lmsmith.debias.scoring import Encoded, encode, is_seq2seq, pad_id, score_items
+from lmsmith.debias.scoring import Encoded, encode, is_seq2seq, pad_id, pad_ids, score_items
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +85,14 @@ def _encoder_layer_ids(model) -> set[int]:
 def _batch_tensors(batch: list[tuple[Encoded, int]], pad: int, seq2seq: bool):
     """(prompt, option index) pairs → input tensors, token masks and the option log-prob mask."""
     if seq2seq:
-        src = [e.prompt_ids for e, _ in batch]
-        tgt = [e.option_ids[k] for e, k in batch]
-        ws, wt = max(map(len, src)), max(map(len, tgt))
-        ids = torch.full((len(batch), ws), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        lab = torch.full((len(batch), wt), -100, dtype=torch.long)
-        for i, (s, t) in enumerate(zip(src, tgt)):
-            ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
-            lab[i, : len(t)] = torch.tensor(t)
-        return {"ids": ids, "attn": attn, "labels": lab, "dec_mask": (lab != -100).long()}
+        ids, attn = pad_ids([e.prompt_ids for e, _ in batch], pad)
+        lab, dec_mask = pad_ids([e.option_ids[k] for e, k in batch], -100)
+        return {"ids": ids, "attn": attn, "labels": lab, "dec_mask": dec_mask}
     seqs = [e.prompt_ids + e.option_ids[k] for e, k in batch]
-    width = max(map(len, seqs))
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    attn = torch.zeros_like(ids)
+    ids, attn = pad_ids(seqs, pad)
     target = torch.zeros_like(ids, dtype=torch.bool)  # positions whose *next* token is scored
     for i, ((e, _k), s) in enumerate(zip(batch, seqs)):
-        ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
-        p = len(e.prompt_ids)
-        target[i, p - 1 : len(s) - 1] = True
+        target[i, len(e.prompt_ids) - 1 : len(s) - 1] = True
     return {"ids": ids, "attn": attn, "target": target}
 
 

@@ -74,16 +74,22 @@ def _gather_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
+def pad_ids(
+    seqs: list[list[int]], pad: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → (B, T) ids padded with ``pad`` on ``side`` and their (B, T) 0/1 mask
+    (``torch.nn.utils.rnn.pad_sequence``; the pad id may be EOS, which ``tokenizer.pad`` can't do)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad, padding_side=side)
+    ones = [torch.ones_like(r) for r in rows]
+    return ids, pad_sequence(ones, batch_first=True, padding_value=0, padding_side=side)
+
+
 def _pad_options(batch: list[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Options of every prompt, flattened prompt-major and right-padded: (B*K, L) ids and mask."""
-    flat = [o for e in batch for o in e.option_ids]
-    width = max(len(o) for o in flat)
-    ids = torch.full((len(flat), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(flat), width), dtype=torch.long)
-    for i, o in enumerate(flat):
-        ids[i, : len(o)] = torch.tensor(o)
-        mask[i, : len(o)] = 1
-    return ids, mask
+    return pad_ids([o for e in batch for o in e.option_ids], pad)
 
 
 def common_prefix_len(seqs: list[list[int]]) -> int:
@@ -113,13 +119,8 @@ def option_logprobs(
     device = next(model.parameters()).device
     opt, omask = _pad_options(batch, pad)  # (B*K, L)
     opt, omask = opt.to(device), omask.to(device)
-    width = max(len(e.prompt_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
     if is_seq2seq(model):
-        for i, e in enumerate(batch):  # right padding for the encoder
-            ids[i, : len(e.prompt_ids)] = torch.tensor(e.prompt_ids)
-            attn[i, : len(e.prompt_ids)] = 1
+        ids, attn = pad_ids([e.prompt_ids for e in batch], pad)  # right padding for the encoder
         ids, attn = ids.to(device), attn.to(device)
         enc = model.get_encoder()(input_ids=ids, attention_mask=attn).last_hidden_state
         labels = opt.masked_fill(omask == 0, -100)
@@ -141,13 +142,8 @@ def option_logprobs(
             pre = torch.tensor([batch[0].prompt_ids[:n_pre]], device=device)
             cache = model(input_ids=pre, use_cache=True, logits_to_keep=1).past_key_values
             cache.batch_repeat_interleave(len(batch))
-        width -= n_pre
-        ids = ids[:, :width]
-        attn = attn[:, :width]
-        for i, e in enumerate(batch):  # left padding: every prompt ends at the last column
-            rest = e.prompt_ids[n_pre:]
-            ids[i, width - len(rest) :] = torch.tensor(rest)
-            attn[i, width - len(rest) :] = 1
+        # left padding: every prompt ends at the last column
+        ids, attn = pad_ids([e.prompt_ids[n_pre:] for e in batch], pad, "left")
         ids = ids.to(device)
         attn = torch.cat([torch.ones(len(batch), n_pre, dtype=torch.long), attn], 1).to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, n_pre:]
@@ -311,13 +307,8 @@ def generate_bbq(
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
         ids = [encode(tokenizer, prompts[i], ["x"], s2s, chat).prompt_ids for i in idx]
-        width = max(len(x) for x in ids)
-        inp = torch.full((len(ids), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(inp)
-        for r, x in enumerate(ids):
-            sl = slice(0, len(x)) if s2s else slice(width - len(x), width)
-            inp[r, sl] = torch.tensor(x)
-            attn[r, sl] = 1
+        inp, attn = pad_ids(ids, pad, "right" if s2s else "left")
+        width = inp.shape[1]
         out = model.generate(
             input_ids=inp.to(device),
             attention_mask=attn.to(device),

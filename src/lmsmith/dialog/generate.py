@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +167,14 @@ def _batch(tokenizer, pairs, max_prompt: int, max_total: int):
         ]
         seqs.append(p_ids + y_ids)
         labels.append([-100] * len(p_ids) + y_ids)
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, lb) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(lb)] = torch.tensor(lb)
-        att[i, : len(s)] = 1
-    return ids, att, lab
+    feats = [{"input_ids": s, "labels": lb} for s, lb in zip(seqs, labels)]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # the collator pads ids and labels on the tokenizer's side
+    try:
+        b = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")(feats)
+    finally:
+        tokenizer.padding_side = side
+    return b["input_ids"], b["attention_mask"], b["labels"]
 
 
 def lora_wrap(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05):

@@ -1,12 +1,14 @@
 """Retrievers with one small API: ``index(passages)``, ``search(query, k)``, save and load.
 
-- :class:`BM25Retriever`: ``bm25s`` (Lucene BM25), our own tokeniser (lower-cased words of
-  two or more characters, English stopwords dropped; no stemmer).
-- :class:`DenseRetriever`: a bi-encoder (all-MiniLM-L6-v2 by default), mean pooling over
-  non-padding tokens, L2-normalised, exact inner-product search in FAISS (``IndexFlatIP``).
+- :class:`BM25Retriever`: ``bm25s`` (Lucene BM25) with its own tokeniser (lower-cased words of
+  two or more characters, English stopwords dropped; no stemmer) and batched top-k.
+- :class:`DenseRetriever`: a sentence-transformers bi-encoder (all-MiniLM-L6-v2 by default),
+  mean pooling over non-padding tokens, L2-normalised, exact inner-product search in FAISS
+  (``IndexFlatIP``).
 - :class:`HybridRetriever`: BM25 + dense, fused by reciprocal rank or a weighted sum of
   min-max normalised scores.
-- :class:`RerankRetriever`: a first stage whose top candidates a cross-encoder rescores.
+- :class:`RerankRetriever`: a first stage whose top candidates a sentence-transformers
+  ``CrossEncoder`` rescores.
 
 An index folder holds ``meta.json`` (kind + settings), ``passages.jsonl`` and the retriever's
 own files; :func:`save_index` writes it to a temporary sibling and renames it into place.
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from lmsmith.dialog.config import (
 )
 from lmsmith.dialog.corpus import Passage, load_passages, save_passages
 from lmsmith.errors import UserError
-from lmsmith.runs import atomic_dir
+from lmsmith.runs import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -100,28 +101,20 @@ class _Base:
 
 # --------------------------------------------------------------------------- BM25
 
-_WORD = re.compile(r"(?u)\b\w\w+\b")
 
+def bm25_tokenize(
+    texts: list[str], stopwords: bool = True, progress: bool = False
+) -> list[list[str]]:
+    """``bm25s.tokenize``: lower-cased words of >= 2 word characters, English stopwords dropped
+    if asked."""
+    import bm25s
 
-def bm25_tokenize(text: str, stopwords: bool = True) -> list[str]:
-    """Lower-cased words of >= 2 word characters; English stopwords dropped if asked."""
-    toks = _WORD.findall(text.lower())
-    if stopwords:
-        from bm25s.stopwords import STOPWORDS_EN
-
-        stop = _stopset(STOPWORDS_EN)
-        toks = [t for t in toks if t not in stop]
-    return toks
-
-
-_STOP: frozenset | None = None
-
-
-def _stopset(words) -> frozenset:
-    global _STOP
-    if _STOP is None:
-        _STOP = frozenset(words)
-    return _STOP
+    return bm25s.tokenize(
+        texts,
+        stopwords="en" if stopwords else None,
+        return_ids=False,
+        show_progress=progress,
+    )
 
 
 class BM25Retriever(_Base):
@@ -143,25 +136,31 @@ class BM25Retriever(_Base):
         if not passages:
             raise UserError("cannot index an empty passage list")
         self.passages = list(passages)
-        toks = [
-            bm25_tokenize(p.text, self.cfg.stopwords)
-            for p in tqdm(passages, desc="tokenise", disable=not progress, leave=False)
-        ]
+        toks = bm25_tokenize([p.text for p in passages], self.cfg.stopwords, progress)
         self.model = bm25s.BM25(k1=self.cfg.k1, b=self.cfg.b, method="lucene")
         self.model.index(toks, show_progress=progress)
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every passage.  → (N,) float32"""
         vocab = self.model.vocab_dict
-        toks = [t for t in bm25_tokenize(query, self.cfg.stopwords) if t in vocab]
+        toks = [t for t in bm25_tokenize([query], self.cfg.stopwords)[0] if t in vocab]
         if not toks:
             return np.zeros(len(self.passages), dtype=np.float32)
         return np.asarray(self.model.get_scores(toks), dtype=np.float32)
 
     def search(self, query: str, k: int) -> list[Hit]:
-        s = self.scores(query)
-        idx = _top_k(s, k)
-        return self._hits(idx, s[idx])
+        return self.search_batch([query], k)[0]
+
+    def search_batch(self, queries: list[str], k: int, progress: bool = False) -> list[list[Hit]]:
+        """``BM25.retrieve`` on the whole batch; equal scores are ordered by passage index."""
+        toks = bm25_tokenize(queries, self.cfg.stopwords, progress)
+        k = min(k, len(self.passages))
+        idx, scores = self.model.retrieve(toks, k=k, show_progress=progress)  # (Q, k) each
+        out = []
+        for i, s in zip(idx, scores):
+            order = np.lexsort((i, -s))  # bm25s leaves ties in arbitrary order
+            out.append(self._hits(i[order], s[order]))
+        return out
 
     def _write(self, folder: Path) -> None:
         self.model.save(str(folder / "bm25"), show_progress=False)
@@ -178,77 +177,34 @@ class BM25Retriever(_Base):
 # --------------------------------------------------------------------------- dense
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token vectors where ``mask`` is 1.
+def load_encoder(spec: str, max_length: int = 256, query_max_length: int = 128):
+    """A ``SentenceTransformer`` (transformer → mean pooling → L2 normalisation) from an alias,
+    folder or Hub id; queries are cut to ``query_max_length`` tokens, passages to ``max_length``.
 
-    hidden: (B, T, H)  mask: (B, T) → (B, H); an all-padding row gives zeros, not NaN.
+    The modules are built explicitly, so a plain HF encoder folder loads the same way as a
+    sentence-transformers one and nothing is fetched from the Hub for a local folder.
     """
-    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    summed = (hidden * m).sum(dim=1)  # (B, H)
-    count = m.sum(dim=1).clamp(min=1.0)  # (B, 1)
-    return summed / count
-
-
-def embed(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    """One batch through the encoder, with gradients if enabled.  → (B, H), unit rows."""
-    device = next(model.parameters()).device
-    enc = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    enc = {k: v.to(device) for k, v in enc.items()}
-    out = model(**enc).last_hidden_state  # (B, T, H)
-    return torch.nn.functional.normalize(mean_pool(out, enc["attention_mask"]), dim=-1)
-
-
-@torch.no_grad()
-def encode(
-    model,
-    tokenizer,
-    texts: list[str],
-    max_length: int,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> np.ndarray:
-    """Unit-length embeddings of ``texts``, batched by length.  → (N, H) float32"""
-    model.eval()
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out: np.ndarray | None = None
-    bar = tqdm(total=len(texts), desc="encode", disable=not progress, leave=False)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        vecs = embed(model, tokenizer, [texts[i] for i in idx], max_length).float().cpu().numpy()
-        if out is None:
-            out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
-        out[idx] = vecs
-        bar.update(len(idx))
-    bar.close()
-    if out is None:
-        raise UserError("nothing to encode")
-    return out
-
-
-def load_encoder(spec: str):
-    """An HF encoder (``AutoModel``) and its tokenizer from an alias, folder or Hub id."""
-    from transformers import AutoModel, AutoTokenizer
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     from lmsmith.models import resolve
 
     path = resolve(spec)
     try:
-        model = AutoModel.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
+        tr = Transformer(path, query_length=query_max_length, document_length=max_length)
     except OSError as e:
         raise UserError(f"could not load encoder '{spec}': {e}") from e
-    return model.to(_device()).eval(), tok
+    pool = Pooling(tr.get_embedding_dimension(), "mean")
+    return SentenceTransformer(modules=[tr, pool, Normalize()], device=str(_device())).eval()
 
 
 class DenseRetriever(_Base):
     kind = "dense"
 
-    def __init__(self, cfg: DenseConfig | None = None, model=None, tokenizer=None):
+    def __init__(self, cfg: DenseConfig | None = None, model=None):
         super().__init__()
         self.cfg = cfg or DenseConfig()
-        self._model, self._tok = model, tokenizer
+        self._model = model  # a SentenceTransformer, loaded on first use
         self.faiss_index = None
 
     def settings(self) -> dict:
@@ -259,16 +215,21 @@ class DenseRetriever(_Base):
     @property
     def encoder(self):
         if self._model is None:
-            self._model, self._tok = load_encoder(self.cfg.encoder)
-        return self._model, self._tok
+            c = self.cfg
+            self._model = load_encoder(c.encoder, c.max_length, c.query_max_length)
+        return self._model
 
     def encode_passages(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        model, tok = self.encoder
-        return encode(model, tok, texts, self.cfg.max_length, self.cfg.batch_size, progress)
+        """Unit-length passage vectors.  → (N, H) float32"""
+        return self.encoder.encode_document(
+            texts, batch_size=self.cfg.batch_size, show_progress_bar=progress
+        )
 
     def encode_queries(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        model, tok = self.encoder
-        return encode(model, tok, texts, self.cfg.query_max_length, self.cfg.batch_size, progress)
+        """Unit-length query vectors.  → (Q, H) float32"""
+        return self.encoder.encode_query(
+            texts, batch_size=self.cfg.batch_size, show_progress_bar=progress
+        )
 
     def index(self, passages: list[Passage], progress: bool = False) -> None:
         import faiss
@@ -397,77 +358,68 @@ class HybridRetriever(_Base):
 # --------------------------------------------------------------------------- reranking
 
 
-class CrossEncoder:
-    """Scores (query, passage) pairs with a sequence-classification model.
+class Reranker:
+    """Scores (query, passage) pairs with a sentence-transformers ``CrossEncoder``.
 
-    One logit → that logit; two logits → logit[1] - logit[0] (the "relevant" margin).
+    One logit → that logit (no sigmoid); two logits → logit[1] - logit[0] (the "relevant" margin).
     """
 
-    def __init__(
-        self, spec: str, max_length: int = 320, batch_size: int = 16, model=None, tokenizer=None
-    ):
+    def __init__(self, spec: str, max_length: int = 320, batch_size: int = 16, model=None):
         self.spec, self.max_length, self.batch_size = spec, max_length, batch_size
-        self._model, self._tok = model, tokenizer
+        self._model = model
 
     def _load(self):
         if self._model is None:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-            from lmsmith.models import resolve
-
             if not self.spec:
                 raise UserError(
                     "the rerank retriever needs --reranker: a cross-encoder folder (train one "
                     "with `lmsmith dialog train-retriever --model cross-encoder`) or a Hub id "
                     "such as cross-encoder/ms-marco-MiniLM-L-6-v2 when online"
                 )
-            path = resolve(self.spec)
-            try:
-                self._model = AutoModelForSequenceClassification.from_pretrained(path)
-                self._tok = AutoTokenizer.from_pretrained(path)
-            except OSError as e:
-                raise UserError(f"could not load cross-encoder '{self.spec}': {e}") from e
-            self._model.to(_device()).eval()
-        return self._model, self._tok
+            self._model = load_cross_encoder(self.spec, max_length=self.max_length)
+        return self._model
 
-    def logits(self, queries: list[str], texts: list[str]) -> torch.Tensor:
-        """Relevance logits of aligned pairs, with gradients if enabled.  → (B,)"""
-        model, tok = self._load()
-        device = next(model.parameters()).device
-        enc = tok(
-            queries,
-            texts,
-            padding=True,
-            truncation="longest_first",
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        out = model(**{k: v.to(device) for k, v in enc.items()}).logits  # (B, L)
-        return out[:, 0] if out.shape[1] == 1 else out[:, 1] - out[:, 0]
-
-    @torch.no_grad()
     def score(self, query: str, texts: list[str]) -> np.ndarray:
         """→ (len(texts),) float32"""
-        model, _ = self._load()
-        model.eval()
-        out = []
-        for s in range(0, len(texts), self.batch_size):
-            chunk = texts[s : s + self.batch_size]
-            out.append(self.logits([query] * len(chunk), chunk).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        if not texts:
+            return np.zeros(0, dtype=np.float32)
+        out = self._load().predict(
+            [(query, t) for t in texts],
+            batch_size=self.batch_size,
+            activation_fn=torch.nn.Identity(),
+            show_progress_bar=False,
+            convert_to_numpy=True,
+        )
+        out = np.asarray(out, dtype=np.float32)
+        return out if out.ndim == 1 else out[:, 1] - out[:, 0]
+
+
+def load_cross_encoder(spec: str, max_length: int | None = None, num_labels: int | None = None):
+    """A sentence-transformers ``CrossEncoder`` from an alias, folder or Hub id (a plain
+    encoder folder gets a new ``num_labels`` head)."""
+    from sentence_transformers import CrossEncoder
+
+    from lmsmith.models import resolve
+
+    try:
+        return CrossEncoder(
+            resolve(spec), max_length=max_length, num_labels=num_labels, device=str(_device())
+        )
+    except OSError as e:
+        raise UserError(f"could not load cross-encoder '{spec}': {e}") from e
 
 
 class RerankRetriever(_Base):
     kind = "rerank"
 
     def __init__(
-        self, cfg: RetrieverConfig | None = None, first=None, cross: CrossEncoder | None = None
+        self, cfg: RetrieverConfig | None = None, first=None, cross: Reranker | None = None
     ):
         super().__init__()
         cfg = cfg or RetrieverConfig()
         self.rcfg: RerankConfig = cfg.rerank
         self.first = first or build_retriever(self.rcfg.first_stage, cfg)
-        self.cross = cross or CrossEncoder(
+        self.cross = cross or Reranker(
             self.rcfg.reranker, self.rcfg.rerank_max_length, self.rcfg.rerank_batch_size
         )
 
@@ -547,7 +499,7 @@ def _write_into(r: _Base, folder: Path) -> None:
     }
     save_passages(r.passages, folder / "passages.jsonl")
     r._write(folder)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(folder / "meta.json", meta)
 
 
 def save_index(r: _Base, folder) -> None:

@@ -1,65 +1,43 @@
-"""Fine-tuning retrievers: a DPR-style bi-encoder and a cross-encoder reranker.
+"""Fine-tuning retrievers with sentence-transformers: a DPR-style bi-encoder and a cross-encoder.
 
-Bi-encoder (Karpukhin et al., 2020, as the MultiDoc2Dial baseline trains DPR): each query's
-gold passage competes with the other queries' gold passages (in-batch negatives) and with
-BM25-mined hard negatives (BM25 ranks ``neg_rank_min``..``neg_rank_max``, gold excluded).
-Loss: cross-entropy over ``scale * cos(q, p)`` for all passages of the batch.
+Bi-encoder (Karpukhin et al., 2020, as the MultiDoc2Dial baseline trains DPR):
+``SentenceTransformerTrainer`` with ``MultipleNegativesRankingLoss`` on (query, gold passage,
+hard negative 1..n) rows: each query's gold competes with every other passage of the batch
+(in-batch negatives) and with BM25-mined hard negatives (BM25 ranks ``neg_rank_min`` ..
+``neg_rank_max``, gold excluded). Loss: cross-entropy over ``scale * cos(q, p)``. The
+``NO_DUPLICATES`` batch sampler keeps another copy of a query's gold out of its batch.
 
-Cross-encoder: a sequence-classification head (one logit) on an encoder, trained listwise:
-each query's gold passage against its hard negatives, cross-entropy over the group.
+Cross-encoder: a one-logit head on an encoder (``CrossEncoderTrainer``), trained listwise: each
+query's gold passage against its hard negatives, cross-entropy over the group's raw logits.
 
-Both save a plain Hugging Face folder (``save_pretrained``), written to a temporary sibling
-and renamed into place, with ``train_config.json``, ``metrics.jsonl`` and ``summary.json``.
+Both save a folder that loads as plain Hugging Face (``AutoModel`` /
+``AutoModelForSequenceClassification``) and as sentence-transformers, written to a temporary
+sibling and renamed into place, with ``train_config.json``, ``metrics.jsonl`` and
+``summary.json``. Schedules: linear warm-up then linear decay (``transformers.get_scheduler``
+inside the trainers), AdamW, gradient norm clipped to 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
+import tempfile
 import time
 
 import torch
-from tqdm.auto import tqdm
+from sentence_transformers.cross_encoder.losses import (
+    MultipleNegativesRankingLoss as CrossEncoderMNRL,
+)
+from transformers import PrinterCallback, TrainerCallback
 
 from lmsmith.dialog.config import BM25Config, TrainRetrieverConfig
 from lmsmith.dialog.corpus import Passage, Query, RetrievalSet
-from lmsmith.dialog.retrieve import BM25Retriever, CrossEncoder, embed
+from lmsmith.dialog.retrieve import BM25Retriever
 from lmsmith.errors import UserError
 from lmsmith.runs import MetricsSink, atomic_dir, write_json
 
 log = logging.getLogger(__name__)
-
-
-def dpr_loss(
-    q: torch.Tensor,
-    p: torch.Tensor,
-    targets: torch.Tensor,
-    allowed: torch.Tensor | None = None,
-    scale: float = 20.0,
-) -> torch.Tensor:
-    """In-batch softmax loss of dense retrieval.
-
-    Args:
-        q: (B, H) query vectors  p: (P, H) passage vectors (P >= B)
-        targets: (B,) index into P of each query's gold passage
-        allowed: (B, P) bool, False where a passage must not count as a negative (another
-            copy of the query's gold); None allows all.
-    Returns: scalar, mean cross-entropy over the B queries.
-    """
-    logits = scale * q @ p.T  # (B, P)
-    if allowed is not None:
-        keep = allowed.clone()
-        keep[torch.arange(q.shape[0]), targets] = True
-        logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-    return torch.nn.functional.cross_entropy(logits, targets)
-
-
-def listwise_loss(scores: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with the gold in column 0.  scores: (B, 1 + n) → scalar."""
-    target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
-    return torch.nn.functional.cross_entropy(scores, target)
 
 
 def mine_hard_negatives(
@@ -72,27 +50,30 @@ def mine_hard_negatives(
 ) -> list[list[str]]:
     """For each query, the passage ids BM25 ranks rank_min..rank_max (1-based), gold excluded.
 
-    Returns Q lists (possibly empty when the corpus is small).
+    BM25-mined, so ours: ``sentence_transformers.util.mine_hard_negatives`` ranks by an
+    embedding model (or a cross-encoder) only. Returns Q lists (possibly empty when the corpus
+    is small).
     """
     r = BM25Retriever(bm25)
     r.index(passages)
+    ranked = r.search_batch([q.text for q in queries], rank_max, progress)
     out = []
-    for q in tqdm(queries, desc="mine negatives", disable=not progress, leave=False):
-        hits = r.search(q.text, rank_max)
+    for q, hits in zip(queries, ranked):
         gold = set(q.relevant)
         out.append([h.pid for h in hits[rank_min - 1 : rank_max] if h.pid not in gold])
     return out
 
 
-def _schedule(opt, total: int, warmup: float):
-    n_warm = int(total * warmup)
+class HardNegativesOnlyLoss(CrossEncoderMNRL):
+    """Listwise cross-entropy over each query's (gold, hard negatives) raw logits, gold in
+    column 0: sentence-transformers' cross-encoder ``MultipleNegativesRankingLoss`` without its
+    random in-batch negatives (no sigmoid, no scale)."""
 
-    def f(step):
-        if step < n_warm:
-            return (step + 1) / n_warm
-        return max(0.0, (total - step) / max(1, total - n_warm))
+    def __init__(self, model):
+        super().__init__(model, num_negatives=None, scale=1.0, activation_fn=None)
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+    def get_in_batch_negatives(self, anchors, candidates):
+        return iter(())
 
 
 def _usable(data: RetrievalSet, max_queries: int | None) -> list[Query]:
@@ -104,83 +85,140 @@ def _usable(data: RetrievalSet, max_queries: int | None) -> list[Query]:
     return qs
 
 
-def train_bi_encoder(
-    cfg: TrainRetrieverConfig, data: RetrievalSet, model=None, tokenizer=None
-) -> dict:
-    """setup → mine negatives → train → save.  Returns the summary (also in summary.json)."""
+def _rows(queries, negs, by_id, n: int, rng: random.Random) -> dict[str, list[str]]:
+    """Columns anchor, positive, negative_1..n. A short negative pool is padded by repetition;
+    an empty one by random non-gold passages (then only in-batch negatives are hard)."""
+    cols: dict[str, list[str]] = {"anchor": [], "positive": []}
+    cols.update({f"negative_{j + 1}": [] for j in range(n)})
+    pids = list(by_id)
+    for q, pool in zip(queries, negs):
+        cols["anchor"].append(q.text)
+        cols["positive"].append(by_id[rng.choice(q.relevant)].text)
+        if not pool and n:
+            draw = rng.sample(pids, min(len(pids), n + len(q.relevant)))
+            pool = [p for p in draw if p not in q.relevant]
+            if not pool:
+                raise UserError("every passage is a gold passage: nothing to use as a negative")
+        chosen = rng.sample(pool, min(n, len(pool)))
+        chosen += [rng.choice(pool) for _ in range(n - len(chosen))]
+        for j, pid in enumerate(chosen):
+            cols[f"negative_{j + 1}"].append(by_id[pid].text)
+    return cols
+
+
+class _Sink(TrainerCallback):
+    """Each optimizer step's loss and learning rate → metrics.jsonl; mean loss per epoch."""
+
+    def __init__(self, sink: MetricsSink, steps_per_epoch: int, extra: dict | None = None):
+        self.sink, self.spe, self.extra = sink, steps_per_epoch, extra or {}
+        self.epoch_losses: list[list[float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs:
+            return
+        epoch = (state.global_step - 1) // self.spe
+        while len(self.epoch_losses) <= epoch:
+            self.epoch_losses.append([])
+        self.epoch_losses[epoch].append(logs["loss"])
+        self.sink.log(
+            step=state.global_step,
+            epoch=epoch,
+            loss=logs["loss"],
+            lr=logs.get("learning_rate"),
+            **self.extra,
+        )
+
+
+def _args(cls, cfg: TrainRetrieverConfig, out: str, **kw):
+    return cls(
+        output_dir=out,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr,
+        weight_decay=0.01,  # torch's AdamW default, as before
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup,  # a float < 1: share of the steps
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=not cfg.progress,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        **kw,
+    )
+
+
+def _train(trainer_cls, args, model, loss, dataset, spe: int, sink: MetricsSink, extra=None):
+    cb = _Sink(sink, spe, extra)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[cb])
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl, not stdout
+    trainer.train()
+    return trainer.state.global_step, [sum(x) / len(x) for x in cb.epoch_losses]
+
+
+def train_bi_encoder(cfg: TrainRetrieverConfig, data: RetrievalSet, model=None) -> dict:
+    """setup → mine negatives → train → save.  Returns the summary (also in summary.json).
+
+    ``model``: a ``SentenceTransformer`` (default: :func:`~lmsmith.dialog.retrieve.load_encoder`
+    of ``cfg.init``).
+    """
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
     from lmsmith.dialog.retrieve import load_encoder
 
     if not cfg.output:
         raise UserError("train-retriever needs --output FOLDER")
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if model is None:
-        model, tokenizer = load_encoder(cfg.init)
+        model = load_encoder(cfg.init, cfg.max_length, cfg.query_max_length)
     queries = _usable(data, cfg.max_queries)
     by_id = {p.pid: p for p in data.passages}
     negs = mine_hard_negatives(
         data.passages, queries, cfg.neg_rank_min, cfg.neg_rank_max, progress=cfg.progress
     )
-    steps_per_epoch = math.ceil(len(queries) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    sched = _schedule(opt, total, cfg.warmup)
-    with atomic_dir(cfg.output) as tmp:  # a crash leaves no half-written model
+    cols = _rows(queries, negs, by_id, cfg.hard_negatives, random.Random(cfg.seed))
+    # queries to the encoder's query length, passages to its document length
+    tasks = {c: ("query" if c == "anchor" else "document") for c in cols}
+    spe = -(-len(queries) // cfg.batch_size)
+    with atomic_dir(cfg.output) as tmp, tempfile.TemporaryDirectory() as work:
         sink = MetricsSink(tmp / "metrics.jsonl")
         write_json(tmp / "train_config.json", dataclasses.asdict(cfg))
-        model.train()
-        t0, step, epoch_losses = time.time(), 0, []
-        bar = tqdm(total=total, desc="train bi-encoder", disable=not cfg.progress)
-        for epoch in range(cfg.epochs):
-            order = list(range(len(queries)))
-            random.shuffle(order)
-            losses = []
-            for s in range(0, len(order), cfg.batch_size):
-                idx = order[s : s + cfg.batch_size]
-                qs = [queries[i] for i in idx]
-                gold = [random.choice(q.relevant) for q in qs]
-                pids = list(gold)
-                for i in idx:
-                    pool = negs[i]
-                    pids += random.sample(pool, min(cfg.hard_negatives, len(pool)))
-                qv = embed(model, tokenizer, [q.text for q in qs], cfg.query_max_length)  # (B, H)
-                pv = embed(
-                    model, tokenizer, [by_id[p].text for p in pids], cfg.max_length
-                )  # (P, H)
-                allowed = torch.tensor(
-                    [[pid not in q.relevant for pid in pids] for q in qs], device=qv.device
-                )  # (B, P)
-                targets = torch.arange(len(qs), device=qv.device)
-                loss = dpr_loss(qv, pv, targets, allowed, cfg.scale)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                step += 1
-                losses.append(loss.item())
-                sink.log(
-                    step=step,
-                    epoch=epoch,
-                    loss=loss.item(),
-                    lr=sched.get_last_lr()[0],
-                    n_passages=len(pids),
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            epoch_losses.append(sum(losses) / len(losses))
-            log.info("epoch %d: mean loss %.4f", epoch, epoch_losses[-1])
-        bar.close()
+        args = _args(
+            SentenceTransformerTrainingArguments,
+            cfg,
+            work,
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            router_mapping=tasks,
+        )
+        loss = MultipleNegativesRankingLoss(model, scale=cfg.scale)
+        t0 = time.time()
+        steps, epoch_losses = _train(
+            SentenceTransformerTrainer,
+            args,
+            model,
+            loss,
+            Dataset.from_dict(cols),
+            spe,
+            sink,
+        )
+        for e, x in enumerate(epoch_losses):
+            log.info("epoch %d: mean loss %.4f", e, x)
         model.eval()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.save(str(tmp), create_model_card=False)
         summary = {
             "model": "bi-encoder",
             "init": cfg.init,
             "n_queries": len(queries),
             "n_passages": len(data.passages),
             "queries_without_hard_negatives": sum(1 for n in negs if not n),
-            "steps": step,
+            "steps": steps,
             "epoch_losses": epoch_losses,
             "train_time_s": round(time.time() - t0, 1),
         }
@@ -188,25 +226,24 @@ def train_bi_encoder(
     return summary
 
 
-def train_cross_encoder(
-    cfg: TrainRetrieverConfig, data: RetrievalSet, model=None, tokenizer=None
-) -> dict:
-    """setup (encoder + a one-logit head) → mine negatives → listwise training → save."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def train_cross_encoder(cfg: TrainRetrieverConfig, data: RetrievalSet, model=None) -> dict:
+    """setup (encoder + a one-logit head) → mine negatives → listwise training → save.
 
-    from lmsmith.models import resolve
+    ``model``: a sentence-transformers ``CrossEncoder`` with one label (default: ``cfg.init``
+    with a new head).
+    """
+    from datasets import Dataset
+    from sentence_transformers import CrossEncoderTrainer, CrossEncoderTrainingArguments
+
+    from lmsmith.dialog.retrieve import load_cross_encoder
 
     if not cfg.output:
         raise UserError("train-retriever needs --output FOLDER")
     if cfg.hard_negatives < 1:
         raise UserError("a cross-encoder needs --hard_negatives >= 1 (its only negatives)")
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if model is None:
-        path = resolve(cfg.init)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    cross = CrossEncoder(cfg.init, cfg.max_length, cfg.batch_size, model=model, tokenizer=tokenizer)
+        model = load_cross_encoder(cfg.init, max_length=cfg.max_length, num_labels=1)
     queries = _usable(data, cfg.max_queries)
     by_id = {p.pid: p for p in data.passages}
     negs = mine_hard_negatives(
@@ -217,64 +254,39 @@ def train_cross_encoder(
         raise UserError(
             "no query has a BM25 hard negative: the corpus is too small for the rank window"
         )
-    steps_per_epoch = math.ceil(len(keep) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    n = cfg.hard_negatives
+    cols = _rows(
+        [queries[i] for i in keep], [negs[i] for i in keep], by_id, n, random.Random(cfg.seed)
+    )
+    spe = -(-len(keep) // cfg.batch_size)
     # the pooler and classifier start random (a bi-encoder checkpoint has no trained head):
     # they may learn faster than the pretrained encoder
-    head = [p for n, p in model.named_parameters() if n.startswith("classifier") or ".pooler." in n]
-    head_ids = {id(p) for p in head}
-    body = [p for p in model.parameters() if id(p) not in head_ids]
-    opt = torch.optim.AdamW(
-        [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
-    )
-    sched = _schedule(opt, total, cfg.warmup)
-    n = cfg.hard_negatives
-    with atomic_dir(cfg.output) as tmp:  # a crash leaves no half-written model
+    lr_map = {r".*(classifier|pooler)\..*": cfg.head_lr} if cfg.head_lr else {}
+    with atomic_dir(cfg.output) as tmp, tempfile.TemporaryDirectory() as work:
         sink = MetricsSink(tmp / "metrics.jsonl")
         write_json(tmp / "train_config.json", dataclasses.asdict(cfg))
-        model.train()
-        t0, step, epoch_losses = time.time(), 0, []
-        bar = tqdm(total=total, desc="train cross-encoder", disable=not cfg.progress)
-        for epoch in range(cfg.epochs):
-            order = list(keep)
-            random.shuffle(order)
-            losses = []
-            for s in range(0, len(order), cfg.batch_size):
-                idx = order[s : s + cfg.batch_size]
-                q_texts, p_texts = [], []
-                for i in idx:
-                    q = queries[i]
-                    # pad short negative pools by repetition so every group has 1 + n members
-                    pool = random.sample(negs[i], min(n, len(negs[i])))
-                    pool += [random.choice(negs[i]) for _ in range(n - len(pool))]
-                    for pid in [random.choice(q.relevant)] + pool:
-                        q_texts.append(q.text)
-                        p_texts.append(by_id[pid].text)
-                scores = cross.logits(q_texts, p_texts).view(len(idx), 1 + n)  # (B, 1 + n)
-                loss = listwise_loss(scores)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                step += 1
-                losses.append(loss.item())
-                sink.log(step=step, epoch=epoch, loss=loss.item(), lr=sched.get_last_lr()[0])
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            epoch_losses.append(sum(losses) / len(losses))
-            log.info("epoch %d: mean loss %.4f", epoch, epoch_losses[-1])
-        bar.close()
+        args = _args(CrossEncoderTrainingArguments, cfg, work, learning_rate_mapping=lr_map)
+        t0 = time.time()
+        steps, epoch_losses = _train(
+            CrossEncoderTrainer,
+            args,
+            model,
+            HardNegativesOnlyLoss(model),
+            Dataset.from_dict(cols),
+            spe,
+            sink,
+        )
+        for e, x in enumerate(epoch_losses):
+            log.info("epoch %d: mean loss %.4f", e, x)
         model.eval()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.save(str(tmp), create_model_card=False)
         summary = {
             "model": "cross-encoder",
             "init": cfg.init,
             "n_queries": len(keep),
             "n_passages": len(data.passages),
             "group_size": 1 + n,
-            "steps": step,
+            "steps": steps,
             "epoch_losses": epoch_losses,
             "train_time_s": round(time.time() - t0, 1),
         }
