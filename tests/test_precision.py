@@ -126,3 +126,17 @@ def test_a_run_records_the_resolved_precision(fake_cpu, tmp_path, flags, ratio, 
     assert s["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     written = json.loads((tmp_path / "run" / "config.json").read_text())
     assert written["train"]["precision"] == expected
+
+
+def test_import_sets_passive_omp_waiting_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, lmsmith; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE", out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ACTIVE", out.stderr

@@ -16,7 +16,15 @@ Names are imported on first use, so ``import lmsmith`` stays light (no torch unt
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
+
+# torch's CPU thread pool (GNU OpenMP) spin-waits between parallel regions unless told
+# otherwise; beside another busy process on the same cores that spinning made a decode 7.5x
+# slower than passive waiting (docs/results.md, "Precision and threads"). The policy is read
+# when torch loads, so it is set here, before any lmsmith module imports torch; a user's own
+# OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
