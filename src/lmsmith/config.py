@@ -115,7 +115,7 @@ def _flatten(d: dict, prefix="", path="") -> dict[str, Any]:
     for k, v in d.items():
         if not isinstance(k, str):
             raise UserError(
-                f"{path or 'config'}: key {prefix}{k!r} is not a name (a {type(k).__name__})"
+                f"{path or 'config'}: key '{prefix}{k}' is not a name ({type(k).__name__})"
             )
         if isinstance(v, dict):
             out.update(_flatten(v, prefix + k + ".", path))
