@@ -135,6 +135,38 @@ def test_index_out_never_replaces_a_folder_that_is_not_an_index(docs, tmp_path, 
     assert cli(capsys, "dialog", "index", "--docs", docs, "--out", precious, "--overwrite")[0] == 0
 
 
+WRITERS = {  # every command that writes a folder: its argv up to the folder option
+    "eval": ["eval", "--model", "no-such-model", "--data", "D.jsonl", "--output-dir"],
+    "distill": ["distill", "--teacher", "no-such-model", "--data", "D.jsonl", "--output-dir"],
+    **{
+        f"debias {c}": ["debias", c, "--model", "no-such-model", "--data", str(BBQ),
+                        "--output-dir"]
+        for c in ("attribute", "prune", "eval", "run")
+    },
+    "dialog index": ["dialog", "index", "--docs", "D", "--out"],
+    "dialog train-retriever": ["dialog", "train-retriever", "--data", "D.jsonl", "--output"],
+    "dialog train-reader": ["dialog", "train-reader", "--data", "D.jsonl", "--output"],
+    "dialog train-generator": ["dialog", "train-generator", "--data", "D.jsonl", "--output"],
+    "dialog eval-retrieval": ["dialog", "eval-retrieval", "--data", "D.jsonl", "--run-dir"],
+    "dialog eval": ["dialog", "eval", "--data", "D.jsonl", "--run-dir"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_no_command_writes_into_a_folder_it_did_not_create(command, tmp_path, capsys):
+    """Refused first: before the data (D.jsonl does not exist) and the model are looked at."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("x")
+    line = refused(capsys, *WRITERS[command], precious)
+    assert str(precious) in line and "--overwrite" in line, line
+    assert [p.name for p in precious.iterdir()] == ["thesis.txt"]
+    a_file = tmp_path / "file"
+    a_file.write_text("y")
+    assert "is a file" in refused(capsys, *WRITERS[command], a_file)
+    assert a_file.read_text() == "y"
+
+
 def test_atomic_dir_never_hides_a_file(tmp_path):
     from lmsmith.errors import UserError
     from lmsmith.runs import atomic_dir
@@ -386,11 +418,20 @@ def test_distill_resume_without_a_checkpoint_leaves_no_folder(tiny_dir, rows, tm
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["distill", "--log-every", "0"], "log_every must be >= 1"),
-        (["distill", "--save-every", "-1"], "save_every must be >= 0"),
-        (["distill", "--limit", "0"], "data.limit must be >= 1"),
-        (["eval", "--data", "x", "--max-prompt-tokens", "0"], "max_prompt_tokens must be >= 1"),
-        (["distill", "--resume", "--overwrite"], "exclude each other"),
+        (["distill", "--log-every", "0", "--teacher", "no-such-model"], "log_every must be >= 1"),
+        (
+            ["distill", "--save-every", "-1", "--teacher", "no-such-model"],
+            "save_every must be >= 0",
+        ),
+        (["distill", "--limit", "0", "--teacher", "no-such-model"], "data.limit must be >= 1"),
+        (
+            ["eval", "--data", "x", "--model", "no-such-model", "--max-prompt-tokens", "0"],
+            "max_prompt_tokens must be >= 1",
+        ),
+        (
+            ["distill", "--resume", "--overwrite", "--teacher", "no-such-model"],
+            "exclude each other",
+        ),
         (["dialog", "serve", "--index", "i", "--timeout", "0"], "timeout must be > 0"),
     ],
 )

@@ -240,6 +240,8 @@ def prepare_output(
     entries = list(p.iterdir()) if p.is_dir() else []
     marker = read_marker(p) if entries else None
     ours = marker is not None and marker["command"] == command
+    if resume and marker is None and (p / "checkpoints").is_dir() and (p / "config.json").is_file():
+        ours = True  # a run written before run.json existed; its checkpoints are checked later
     if resume:
         if not ours:
             raise UserError(

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from lmsmith.data.md2d import (
     Document,
-    _read_json,
     Instance,
+    _read_json,
     build_instances,
     format_query,
     load_dialogues,
