@@ -85,11 +85,14 @@ def cli(capsys, *argv) -> tuple[int, str]:
 
 
 def refused(capsys, *argv) -> str:
-    """The command exits 2 with exactly one error line; that line."""
+    """The command exits 2 and its last stderr line is its one error line; that line. Only
+    progress bars and logged warnings may come before it."""
     code, err = cli(capsys, *argv)
-    lines = [x for x in err.strip().splitlines() if "error:" in x]
-    assert code == 2 and len(lines) == 1, (code, err)
-    return lines[0]
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and " error: " in lines[-1], (code, err)
+    for x in lines[:-1]:
+        assert "\r" in x or "it/s]" in x or " WARNING " in x, f"more than one line: {err}"
+    return lines[-1]
 
 
 def distill_args(teacher, data, out, *more):
