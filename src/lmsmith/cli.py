@@ -160,6 +160,11 @@ def find(argv: list[str]) -> tuple[Command | None, list[str], str]:
     return BY_NAME[argv[0]], argv[1:], argv[0]
 
 
+def one_line(message: str) -> str:
+    """A message on one line (library errors sometimes quote multi-line text)."""
+    return " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -179,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         name = text
         return run(cmd, rest)
     except UserError as e:
-        print(f"lmsmith {name}: error: {e}", file=sys.stderr)
+        print(f"lmsmith {name}: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+        # the file system refused a path the user gave (checked up front where we can)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lmsmith {name}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

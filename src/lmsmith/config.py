@@ -87,11 +87,38 @@ def _coerce(value: Any, t, name: str):
     return value
 
 
-def _flatten(d: dict, prefix="") -> dict[str, Any]:
+def read_yaml(path: Path) -> dict:
+    """A YAML config file as a mapping; UserError (one line, naming the file and line) when it
+    is not UTF-8, not YAML, or not a mapping."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def _flatten(d: dict, prefix="", path="") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
+        if not isinstance(k, str):
+            raise UserError(
+                f"{path or 'config'}: key '{prefix}{k}' is not a name ({type(k).__name__})"
+            )
         if isinstance(v, dict):
-            out.update(_flatten(v, prefix + k + "."))
+            out.update(_flatten(v, prefix + k + ".", path))
         else:
             out[prefix + k] = v
     return out
@@ -144,13 +171,7 @@ def load(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = N
         p = Path(yaml_path)
         if not p.is_file():
             raise UserError(f"config file '{yaml_path}' does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{yaml_path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{yaml_path}: expected a mapping at the top level")
-        values.update(_flatten(data))
+        values.update(_flatten(read_yaml(p), path=str(p)))
     for k, v in (overrides or {}).items():
         if v is not None:
             values[k] = v

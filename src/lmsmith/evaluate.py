@@ -52,6 +52,9 @@ class EvalConfig:
     )
     chat_template: bool = field(False, help="wrap the instruction in the model's chat template")
     output_dir: str | None = field(None, help="run folder (default runs/eval-<time>)")
+    overwrite: bool = field(
+        False, help="replace an existing output folder that is not a finished eval run"
+    )
     progress: bool = field(True, help="show progress bars")
 
     def __post_init__(self):
@@ -59,6 +62,8 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 < self.top_p <= 1:
@@ -174,13 +179,13 @@ def run(cfg: EvalConfig) -> dict:
     from lmsmith.config import to_dict
     from lmsmith.data.instruct import load_instruct
     from lmsmith.models import load_lm
-    from lmsmith.runs import make_run_dir, write_json, write_jsonl
+    from lmsmith.runs import prepare_output, write_json, write_jsonl
 
+    out = prepare_output(cfg.output_dir, "eval", cfg.overwrite)  # before any model loads
     rows = load_instruct(cfg.data, limit=cfg.limit)
     model, tok = load_lm(cfg.model)
-    run_dir = make_run_dir(cfg.output_dir, "eval")
-    write_json(run_dir / "config.json", to_dict(cfg))
-    metrics, preds = evaluate_rows(model, tok, rows, cfg)
-    write_jsonl(run_dir / "predictions.jsonl", preds)
-    write_json(run_dir / "metrics.json", metrics)
+    with out.writing(to_dict(cfg)) as run_dir:
+        metrics, preds = evaluate_rows(model, tok, rows, cfg)
+        write_jsonl(run_dir / "predictions.jsonl", preds)
+        write_json(run_dir / "metrics.json", metrics)
     return {**metrics, "run_dir": str(run_dir)}

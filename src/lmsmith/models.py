@@ -182,9 +182,14 @@ def load_lm(spec: str, teacher: nn.Module | None = None, dtype: torch.dtype = to
     path = resolve(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
-        raise UserError(f"could not load model '{spec}': {e}. {_SPEC_HELP}") from e
-    tok = load_tokenizer(spec)
+    except (OSError, ValueError, KeyError) as e:  # no weights, no/unknown model_type, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model '{spec}': {first}. {_SPEC_HELP}") from e
+    try:
+        tok = load_tokenizer(spec)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load the tokenizer of '{spec}': {first}") from e
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
 

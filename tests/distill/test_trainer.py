@@ -148,7 +148,12 @@ def test_long_prompts_and_empty_data(teacher, data, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(UserError, match="no rows"):
-        run(_cfg(empty, tmp_path, "kd"), teacher, layer_pruned(teacher, [0]), tiny_tokenizer())
+        run(
+            _cfg(empty, tmp_path / "out", "kd"),
+            teacher,
+            layer_pruned(teacher, [0]),
+            tiny_tokenizer(),
+        )
 
 
 def test_cli_distill_exit_codes(tmp_path, capsys, monkeypatch):

@@ -102,8 +102,14 @@ class Instance:
 def _read_json(path: Path):
     if not path.is_file():
         raise DataError(path, None, None, "no such file")
+    raw = path.read_bytes()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(path, line, None, f"not UTF-8 text (byte {e.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, e.lineno, None, f"not valid JSON ({e.msg})") from None
 
@@ -523,9 +529,13 @@ def load_user_docs(folder) -> list[Document]:
     if not folder.is_dir():
         raise DataError(folder, None, None, "not a folder")
     docs = []
+    root = folder.resolve()
     for f in sorted(folder.rglob("*")):
         kind = USER_DOC_SUFFIXES.get(f.suffix.lower())
         if kind is None or not f.is_file():
+            continue
+        if not f.resolve().is_relative_to(root):  # a symlink out of the folder: never indexed
+            log.warning("skipping %s: it links outside %s", f, folder)
             continue
         rel = f.relative_to(folder)
         doc_id = rel.as_posix()

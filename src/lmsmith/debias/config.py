@@ -151,7 +151,10 @@ class DebiasConfig:
     )
     categories: list[str] = field([], help="keep only these categories (empty = all)")
     scores: str | None = field(None, help="prune/run: reuse this attribution.safetensors")
-    output_dir: str | None = field(None, help="run folder (default runs/debias-<time>)")
+    output_dir: str | None = field(None, help="run folder (default runs/debias-<command>-<time>)")
+    overwrite: bool = field(
+        False, help="replace an existing output folder that is not a finished run of the command"
+    )
     progress: bool = field(True, help="show progress bars")
     split: SplitConfig = nested(SplitConfig)
     prompt: PromptConfig = nested(PromptConfig)

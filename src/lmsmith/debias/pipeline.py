@@ -34,7 +34,7 @@ from lmsmith.debias.prune import (
 )
 from lmsmith.debias.scoring import bbq_metrics, generate_bbq, score_bbq
 from lmsmith.errors import UserError
-from lmsmith.runs import MetricsSink, make_run_dir, write_json
+from lmsmith.runs import MetricsSink, prepare_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,25 @@ def save_attribution(res: AttributionResult, run: Path, top: int = 500) -> None:
     write_json(run / "top_units.json", units_record(rank_units(res.scores, top), top))
 
 
-def load_scores(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def scores_file(path: str) -> Path:
+    """The attribution file ``path`` names (a file, or a run folder holding one)."""
     p = Path(path)
     if p.is_dir():
         p = p / "attribution.safetensors"
     if not p.is_file():
         raise UserError(f"scores file '{path}' does not exist (run `lmsmith debias attribute`)")
-    raw = load_file(str(p))
+    return p
+
+
+def load_scores(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = scores_file(path)
+    try:
+        raw = load_file(str(p))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{p}: not a readable safetensors file ({e})") from None
     scores = {k[len("score/") :]: v for k, v in raw.items() if k.startswith("score/")}
     if not scores:
         raise UserError(f"{p}: holds no 'score/' tensors (not written by lmsmith debias)")
@@ -242,13 +252,15 @@ def calibrated(logs: torch.Tensor, prior: torch.Tensor, rows) -> dict:
     return bbq_metrics(rows, preds)
 
 
-def _start(cfg: DebiasConfig, kind: str):
-    """(dev, test, model, tokenizer, run folder with config.json) of one command."""
+def _start(cfg: DebiasConfig, command: str):
+    """(dev, test, model, tokenizer, checked output folder) of one command: the output folder
+    and the scores file are checked before the data and the model load."""
+    out = prepare_output(cfg.output_dir, command, cfg.overwrite)
+    if cfg.scores and command in ("debias prune", "debias run"):
+        scores_file(cfg.scores)
     dev, test = load_split(cfg)
     model, tok = load_model(cfg.model)
-    run = make_run_dir(cfg.output_dir, kind)
-    write_json(run / "config.json", config.to_dict(cfg))
-    return dev, test, model, tok, run
+    return dev, test, model, tok, out
 
 
 def _scores(model, tok, dev, cfg: DebiasConfig, run: Path) -> dict[str, torch.Tensor]:
@@ -273,148 +285,160 @@ def attribute(cfg: DebiasConfig) -> dict:
     """``lmsmith debias attribute``: score every unit on sampled dev rows; the summary
     (also in summary.json) plus ``run_dir``."""
     t0 = time.perf_counter()
-    dev, _, model, tok, run = _start(cfg, "debias-attribute")
-    res = run_attribution(model, tok, dev, cfg)
-    save_attribution(res, run)
-    summary = {
-        "n_samples": res.n_samples,
-        "mean_alpha": res.mean_alpha,
-        "n_units": sum(v.numel() for v in res.scores.values()),
-        "top10": [{"module": m, "index": i, "score": s} for m, i, s in rank_units(res.scores, 10)],
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    write_json(run / "summary.json", summary)
-    return {**summary, "run_dir": str(run)}
+    dev, _, model, tok, out = _start(cfg, "debias attribute")
+    with out.writing(config.to_dict(cfg)) as run:
+        res = run_attribution(model, tok, dev, cfg)
+        save_attribution(res, run)
+        summary = {
+            "n_samples": res.n_samples,
+            "mean_alpha": res.mean_alpha,
+            "n_units": sum(v.numel() for v in res.scores.values()),
+            "top10": [
+                {"module": m, "index": i, "score": s} for m, i, s in rank_units(res.scores, 10)
+            ],
+            "wall_time_s": time.perf_counter() - t0,
+        }
+        write_json(run / "summary.json", summary)
+        return {**summary, "run_dir": str(run)}
 
 
 def prune(cfg: DebiasConfig) -> dict:
     """``lmsmith debias prune``: choose n, prune, save the model; the summary plus
     ``model_dir`` and ``run_dir``."""
-    dev, _, model, tok, run = _start(cfg, "debias-prune")
-    scores = _scores(model, tok, dev, cfg, run)
-    ranked = rank_units(scores, top=max(cfg.prune.search_max, cfg.prune.n or 0))
-    n, history = _choose_n(model, tok, ranked, dev, cfg, MetricsSink(run / "metrics.jsonl"))
-    units = units_record(ranked, n)
-    Pruner(model).apply([(u["module"], u["index"]) for u in units])
-    write_json(run / "pruned_units.json", units)
-    save_pruned(model, tok, units, run / "model")
-    summary = {"n_pruned": n, "search": [{"n": a, "dev_accuracy": b} for a, b in history]}
-    write_json(run / "summary.json", summary)
-    return {**summary, "model_dir": str(run / "model"), "run_dir": str(run)}
+    dev, _, model, tok, out = _start(cfg, "debias prune")
+    with out.writing(config.to_dict(cfg)) as run:
+        scores = _scores(model, tok, dev, cfg, run)
+        ranked = rank_units(scores, top=max(cfg.prune.search_max, cfg.prune.n or 0))
+        n, history = _choose_n(model, tok, ranked, dev, cfg, MetricsSink(run / "metrics.jsonl"))
+        units = units_record(ranked, n)
+        Pruner(model).apply([(u["module"], u["index"]) for u in units])
+        write_json(run / "pruned_units.json", units)
+        save_pruned(model, tok, units, run / "model")
+        summary = {"n_pruned": n, "search": [{"n": a, "dev_accuracy": b} for a, b in history]}
+        write_json(run / "summary.json", summary)
+        return {**summary, "model_dir": str(run / "model"), "run_dir": str(run)}
 
 
 def evaluate(cfg: DebiasConfig) -> dict:
     """``lmsmith debias eval``: BBQ metrics of the model on the test split, plus the CC / DC
     baselines named in ``cfg.baselines.methods``; {"results", "n_test_rows_scored",
     "instructions_per_row", "run_dir"}."""
-    _, test, model, tok, run = _start(cfg, "debias-eval")
-    k = cfg.prompt.eval_instructions
-    s = evaluate_model(model, tok, test, cfg, k, "test")
-    results = {cfg.model: s.metrics}
-    if "cc" in cfg.baselines.methods:
-        prior = cc_prior(
-            model, tok, test, instructions(k), cfg.prompt, cfg.baselines.content_free,
-            cfg.progress,
-        )  # fmt: skip
-        results["CC"] = calibrated(s.logscores, prior, test)
-    if "dc" in cfg.baselines.methods:
-        prior = dc_prior(
-            model, tok, test, instructions(k), cfg.prompt, cfg.baselines.dc_draws,
-            cfg.split.split_seed, cfg.progress,
-        )  # fmt: skip
-        results["DC"] = calibrated(s.logscores, prior, test)
-    write_json(run / "metrics.json", results)
-    write_json(run / "summary.json", {key: s.metrics[key] for key in SUMMARY_KEYS})
-    return {
-        "results": results,
-        "n_test_rows_scored": len(test),
-        "instructions_per_row": k,
-        "run_dir": str(run),
-    }
+    _, test, model, tok, out = _start(cfg, "debias eval")
+    with out.writing(config.to_dict(cfg)) as run:
+        k = cfg.prompt.eval_instructions
+        s = evaluate_model(model, tok, test, cfg, k, "test")
+        results = {cfg.model: s.metrics}
+        if "cc" in cfg.baselines.methods:
+            prior = cc_prior(
+                model, tok, test, instructions(k), cfg.prompt, cfg.baselines.content_free,
+                cfg.progress,
+            )  # fmt: skip
+            results["CC"] = calibrated(s.logscores, prior, test)
+        if "dc" in cfg.baselines.methods:
+            prior = dc_prior(
+                model, tok, test, instructions(k), cfg.prompt, cfg.baselines.dc_draws,
+                cfg.split.split_seed, cfg.progress,
+            )  # fmt: skip
+            results["DC"] = calibrated(s.logscores, prior, test)
+        write_json(run / "metrics.json", results)
+        write_json(run / "summary.json", {key: s.metrics[key] for key in SUMMARY_KEYS})
+        return {
+            "results": results,
+            "n_test_rows_scored": len(test),
+            "instructions_per_row": k,
+            "run_dir": str(run),
+        }
 
 
 def run_pipeline(cfg: DebiasConfig) -> dict:
     """The whole pipeline; returns the summary (also written to the run folder)."""
     t0 = time.perf_counter()
-    dev, test, model, tok, run = _start(cfg, "debias")
-    sink = MetricsSink(run / "metrics.jsonl")
-    k_eval = cfg.prompt.eval_instructions
-    log.info("run folder %s", run)
+    dev, test, model, tok, out = _start(cfg, "debias run")
+    with out.writing(config.to_dict(cfg)) as run:
+        sink = MetricsSink(run / "metrics.jsonl")
+        k_eval = cfg.prompt.eval_instructions
+        log.info("run folder %s", run)
 
-    before = evaluate_model(model, tok, test, cfg, k_eval, "test: original")
-    sink.log(step="before", **before.metrics)
-    results: dict[str, dict] = {"original": before.metrics}
-    methods = cfg.baselines.methods
-    if "cc" in methods:
-        prior = cc_prior(
-            model, tok, test, instructions(k_eval), cfg.prompt, cfg.baselines.content_free,
-            cfg.progress,
-        )  # fmt: skip
-        results["CC"] = calibrated(before.logscores, prior, test)
-        sink.log(step="cc", **results["CC"])
-    if "dc" in methods:
-        prior = dc_prior(
-            model, tok, test, instructions(k_eval), cfg.prompt, cfg.baselines.dc_draws,
-            cfg.split.split_seed, cfg.progress,
-        )  # fmt: skip
-        results["DC"] = calibrated(before.logscores, prior, test)
-        sink.log(step="dc", **results["DC"])
-    keep_before = retention(model, tok, cfg)
+        before = evaluate_model(model, tok, test, cfg, k_eval, "test: original")
+        sink.log(step="before", **before.metrics)
+        results: dict[str, dict] = {"original": before.metrics}
+        methods = cfg.baselines.methods
+        if "cc" in methods:
+            prior = cc_prior(
+                model, tok, test, instructions(k_eval), cfg.prompt, cfg.baselines.content_free,
+                cfg.progress,
+            )  # fmt: skip
+            results["CC"] = calibrated(before.logscores, prior, test)
+            sink.log(step="cc", **results["CC"])
+        if "dc" in methods:
+            prior = dc_prior(
+                model, tok, test, instructions(k_eval), cfg.prompt, cfg.baselines.dc_draws,
+                cfg.split.split_seed, cfg.progress,
+            )  # fmt: skip
+            results["DC"] = calibrated(before.logscores, prior, test)
+            sink.log(step="dc", **results["DC"])
+        keep_before = retention(model, tok, cfg)
 
-    scores = _scores(model, tok, dev, cfg, run)
-    ranked = rank_units(scores, top=max(cfg.prune.search_max, cfg.prune.n or 0))
-    n, history = _choose_n(model, tok, ranked, dev, cfg, sink)
-    write_json(run / "search.json", [{"n": a, "dev_accuracy": b} for a, b in history])
+        scores = _scores(model, tok, dev, cfg, run)
+        ranked = rank_units(scores, top=max(cfg.prune.search_max, cfg.prune.n or 0))
+        n, history = _choose_n(model, tok, ranked, dev, cfg, sink)
+        write_json(run / "search.json", [{"n": a, "dev_accuracy": b} for a, b in history])
 
-    pruner = Pruner(model)
-    if "random" in methods:
-        layers = candidate_layers(model)
-        rand_runs = []
-        for seed in cfg.baselines.random_seeds:
-            pruner.set(random_units(layers, n, seed))
-            s = evaluate_model(model, tok, test, cfg, k_eval, f"test: random seed {seed}")
-            rand_runs.append(s.metrics)
-            pruner.restore()
-        results["random units"] = _mean_metrics(rand_runs)
-        sink.log(step="random", **results["random units"])
+        pruner = Pruner(model)
+        if "random" in methods:
+            layers = candidate_layers(model)
+            rand_runs = []
+            for seed in cfg.baselines.random_seeds:
+                pruner.set(random_units(layers, n, seed))
+                s = evaluate_model(model, tok, test, cfg, k_eval, f"test: random seed {seed}")
+                rand_runs.append(s.metrics)
+                pruner.restore()
+            results["random units"] = _mean_metrics(rand_runs)
+            sink.log(step="random", **results["random units"])
 
-    units = units_record(ranked, n)
-    pruner.set([(u["module"], u["index"]) for u in units])
-    after = evaluate_model(model, tok, test, cfg, k_eval, "test: CRISPR")
-    results["CRISPR"] = after.metrics
-    sink.log(step="after", n_pruned=n, **after.metrics)
-    keep_after = retention(model, tok, cfg)
-    write_json(run / "pruned_units.json", units)
-    save_pruned(model, tok, units, run / "model")
-    hist = unit_histogram(units)
-    if units:
-        plot_histogram(hist, run / "pruned_units.png", f"{n} pruned units: {cfg.model}")
+        units = units_record(ranked, n)
+        pruner.set([(u["module"], u["index"]) for u in units])
+        after = evaluate_model(model, tok, test, cfg, k_eval, "test: CRISPR")
+        results["CRISPR"] = after.metrics
+        sink.log(step="after", n_pruned=n, **after.metrics)
+        keep_after = retention(model, tok, cfg)
+        write_json(run / "pruned_units.json", units)
+        save_pruned(model, tok, units, run / "model")
+        hist = unit_histogram(units)
+        if units:
+            plot_histogram(hist, run / "pruned_units.png", f"{n} pruned units: {cfg.model}")
 
-    summary = {
-        "model": cfg.model,
-        "data": cfg.data,
-        "categories": sorted({r.category for r in test}),
-        "n_dev_rows": len(dev),
-        "n_test_rows_scored": len(test),
-        "instructions_per_row": k_eval,
-        "n_pruned": n,
-        "before": {k: before.metrics[k] for k in (*SUMMARY_KEYS, "accuracy_std", "unknown_rate")},
-        "after": {k: after.metrics[k] for k in (*SUMMARY_KEYS, "accuracy_std", "unknown_rate")},
-        "baselines": {k: v for k, v in results.items() if k not in ("original", "CRISPR")},
-        "retention_rougeL": (
-            {"before": keep_before["rougeL"], "after": keep_after["rougeL"], **_drop(keep_before)}
-            if keep_before
-            else None
-        ),
-        "search": [{"n": a, "dev_accuracy": b} for a, b in history],
-        "pruned_histogram": hist,
-        "wall_time_s": time.perf_counter() - t0,
-        "run_dir": str(run),
-    }
-    write_json(run / "results.json", results)
-    write_json(run / "summary.json", summary)
-    summary["table"] = format_table(results)
-    return summary
+        summary = {
+            "model": cfg.model,
+            "data": cfg.data,
+            "categories": sorted({r.category for r in test}),
+            "n_dev_rows": len(dev),
+            "n_test_rows_scored": len(test),
+            "instructions_per_row": k_eval,
+            "n_pruned": n,
+            "before": {
+                k: before.metrics[k] for k in (*SUMMARY_KEYS, "accuracy_std", "unknown_rate")
+            },
+            "after": {k: after.metrics[k] for k in (*SUMMARY_KEYS, "accuracy_std", "unknown_rate")},
+            "baselines": {k: v for k, v in results.items() if k not in ("original", "CRISPR")},
+            "retention_rougeL": (
+                {
+                    "before": keep_before["rougeL"],
+                    "after": keep_after["rougeL"],
+                    **_drop(keep_before),
+                }
+                if keep_before
+                else None
+            ),
+            "search": [{"n": a, "dev_accuracy": b} for a, b in history],
+            "pruned_histogram": hist,
+            "wall_time_s": time.perf_counter() - t0,
+            "run_dir": str(run),
+        }
+        write_json(run / "results.json", results)
+        write_json(run / "summary.json", summary)
+        summary["table"] = format_table(results)
+        return summary
 
 
 def _drop(d: dict) -> dict:

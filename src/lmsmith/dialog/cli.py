@@ -79,6 +79,12 @@ def show_serve(cfg, server) -> None:
     host, port = server.server_address[:2]
     n = len(server.pipeline.retriever.passages)
     print(f"serving {n} passages on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.allowed_hosts:
+        print(
+            "note: only requests addressed to localhost are answered; name the host clients "
+            "use with --allowed-hosts NAME",
+            flush=True,
+        )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -22,6 +22,11 @@ def progress_switch(default: bool = True):
     return field(default, help="show progress bars")
 
 
+def overwrite_switch(what: str = "output folder"):
+    """The ``overwrite`` switch of every command that writes a folder."""
+    return field(False, help=f"replace an existing {what} that this command did not write")
+
+
 @dataclass
 class CorpusConfig:
     docs: str | None = field(
@@ -124,6 +129,7 @@ class IndexConfig:
     output: str = field(
         "", help="index folder to write (replaced atomically)", required=True, aliases=("out",)
     )
+    overwrite: bool = overwrite_switch("output folder")
     retriever: RetrieverKind = field("bm25", help="which retriever to build")
     progress: bool = progress_switch()
     settings: RetrieverConfig = nested(RetrieverConfig)
@@ -155,6 +161,7 @@ class EvalRetrievalConfig:
     index: str | None = field(None, help="reuse this index folder instead of building one")
     json: str | None = field(None, help="write the metrics here")
     run_dir: str | None = field(None, help="also write per-query rankings here")
+    overwrite: bool = overwrite_switch("run_dir")
     depth: int = field(100, help="passages retrieved per query (MRR cut-off)")
     limit: int | None = field(None, help="evaluate the first N queries only")
     progress: bool = progress_switch()
@@ -178,6 +185,7 @@ class TrainRetrieverConfig:
     )
     init: str = field("minilm-l6", help="starting encoder: alias, HF folder or Hub id")
     output: str = field("", help="folder for the trained HF model (+ metrics.jsonl)", required=True)
+    overwrite: bool = overwrite_switch("output folder")
     epochs: int = field(2, help="passes over the training queries")
     batch_size: int = field(16, help="queries per step (bi-encoder: in-batch negatives)")
     lr: float = field(2e-5, help="AdamW learning rate")
@@ -293,6 +301,7 @@ class DialogEvalConfig:
     limit: int | None = field(None, help="evaluate the first N turns only")
     json: str | None = field(None, help="write the metrics here")
     run_dir: str | None = field(None, help="also write config, metrics and predictions here")
+    overwrite: bool = overwrite_switch("run_dir")
     progress: bool = progress_switch()
     corpus: CorpusConfig = nested(CorpusConfig)
     settings: RetrieverConfig = nested(RetrieverConfig)
@@ -312,6 +321,7 @@ class DialogEvalConfig:
 class TrainGeneratorConfig:
     data: str = field("", help="training turns: MD2D dial file or instruction jsonl", required=True)
     output: str = field("", help="folder for the merged HF model (+ metrics.jsonl)", required=True)
+    overwrite: bool = overwrite_switch("output folder")
     multitask: bool = field(
         False, help="also train grounding-span copying in the same model (else reply only)"
     )
@@ -342,6 +352,7 @@ class TrainReaderConfig:
     data: str = field("", help="training turns: MD2D dial file or instruction jsonl", required=True)
     init: str = field("minilm-l6", help="starting encoder: alias, HF folder or Hub id")
     output: str = field("", help="folder for the trained reader (HF QA model)", required=True)
+    overwrite: bool = overwrite_switch("output folder")
     epochs: int = field(2, help="passes over the training turns")
     batch_size: int = field(8, help="examples per step")
     lr: float = field(5e-5, help="AdamW learning rate")
@@ -372,6 +383,14 @@ class ServeConfig:
     max_body_bytes: int = field(16384, help="largest request body accepted (else 413)")
     max_message_chars: int = field(2000, help="longest message accepted (else 413)")
     max_conversations: int = field(1000, help="conversations kept in memory (oldest dropped)")
+    allowed_hosts: list[str] = field(
+        [],
+        help="Host header values accepted besides localhost, 127.0.0.1 and [::1] (DNS "
+        "rebinding guard; '*' accepts any)",
+    )
+    timeout: float = field(
+        30.0, help="seconds a connection may stay silent (or a body unfinished) before it is closed"
+    )
     gen: GenConfig = nested(GenConfig)
     grounding: GroundConfig = nested(GroundConfig)
 
@@ -381,3 +400,5 @@ class ServeConfig:
         for name in ("k", "max_body_bytes", "max_message_chars", "max_conversations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")

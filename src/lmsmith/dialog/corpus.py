@@ -24,6 +24,7 @@ from pathlib import Path
 from lmsmith.data.md2d import (
     Document,
     Instance,
+    _read_json,
     build_instances,
     format_query,
     load_dialogues,
@@ -264,18 +265,15 @@ def sniff(path) -> str:
         raise DataError(path, None, None, "no such file or folder")
     if path.suffix == ".jsonl":
         return "instruct"
-    with path.open(encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
+    with path.open("rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip()
     if head.startswith("["):
         return "dpr-sample"
     m = re.match(r'\{\s*"(\w+)"', head)
     if m and m.group(1) in ("doc_data", "dial_data"):
         return "md2d-docs" if m.group(1) == "doc_data" else "md2d-dials"
     # fall back to parsing (keys in another order)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, None, f"not valid JSON ({e.msg})") from None
+    data = _read_json(path)
     if isinstance(data, dict) and "doc_data" in data:
         return "md2d-docs"
     if isinstance(data, dict) and "dial_data" in data:

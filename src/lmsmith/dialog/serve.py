@@ -12,6 +12,13 @@ Standard library only (``ThreadingHTTPServer``: one thread per request). Bodies 
 Nothing is read from disk after start-up except the page, by a fixed name: request paths are
 never mapped to files. The model runs one request at a time (a lock); health checks and bad
 requests are answered meanwhile.
+
+Transport rules (a hostile client must cost one thread for at most ``timeout`` seconds, and
+never desynchronise a connection): a connection silent, or a body unfinished, for ``timeout``
+seconds is closed (408 for a body); Content-Length must be ASCII digits; Transfer-Encoding is
+refused; a POST always closes its connection, so bytes beyond Content-Length are never read as
+a request; the Host header must be localhost, 127.0.0.1, [::1] or one of ``allowed_hosts``
+(DNS rebinding), else 400.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from importlib import resources
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_LENGTH = re.compile(r"^[0-9]{1,12}$")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 MAX_TURNS_KEPT = 20  # per conversation: (role, text) pairs
 
 
@@ -97,16 +106,61 @@ class ChatService:
         return {"conversation_id": cid, **out}
 
 
-def make_handler(service: ChatService, max_body_bytes: int):
+def host_name(header: str) -> str:
+    """The host of a Host header, lower-cased, without port or IPv6 brackets."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def make_handler(
+    service: ChatService,
+    max_body_bytes: int,
+    allowed_hosts: tuple[str, ...] = (),
+    timeout: float = 30.0,
+):
+    allowed = {h.lower().strip("[]") for h in (*LOCAL_HOSTS, *allowed_hosts)}
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "lmsmith-dialog"
         protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            self.timeout = timeout  # socket timeout of every read: silent clients are dropped
+            super().setup()
+
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            host = self.headers.get("Host")
+            if "*" not in allowed and (host is None or host_name(host) not in allowed):
+                self.close_connection = True
+                self._error(
+                    HTTPStatus.BAD_REQUEST,
+                    f"Host {(host or '')[:100]!r} is not allowed (serve --allowed-hosts NAME)",
+                )
+                return False
+            if self.headers.get("Transfer-Encoding") is not None:
+                self.close_connection = True
+                self._error(HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding is not supported")
+                return False
+            length = self.headers.get("Content-Length")
+            if length is not None and not _LENGTH.match(length.strip()):
+                self.close_connection = True
+                self._error(HTTPStatus.BAD_REQUEST, "Content-Length must be ASCII digits")
+                return False
+            if self.command != "POST" and length is not None and int(length) > 0:
+                self.close_connection = True  # an unread body must never be parsed as a request
+            return True
 
         def log_message(self, fmt, *args):  # route access logs through logging
             log.info("%s %s", self.address_string(), fmt % args)
 
         def _send(self, status: int, body: bytes, ctype: str) -> None:
             self.send_response(status)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("X-Content-Type-Options", "nosniff")
@@ -144,18 +198,23 @@ def make_handler(service: ChatService, max_body_bytes: int):
             if path != "/api/chat":
                 self.close_connection = True
                 return self._error(HTTPStatus.NOT_FOUND, f"no such path: {path[:100]}")
+            # one request per connection: bytes beyond Content-Length are never read as a request
+            self.close_connection = True
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
+            if length is None:
                 return self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length required")
-            n = int(length)
+            n = int(length)  # ASCII digits (parse_request)
             if n > max_body_bytes:
-                self.close_connection = True  # the unread body must not be parsed as a request
                 return self._error(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {max_body_bytes} bytes"
                 )
             ctype = self.headers.get("Content-Type", "")
-            body = self.rfile.read(n)
+            try:
+                body = self.rfile.read(n)
+            except TimeoutError:
+                return self._error(HTTPStatus.REQUEST_TIMEOUT, f"body unfinished after {timeout}s")
+            if len(body) < n:  # the client closed early
+                return
             if ctype.split(";")[0].strip().lower() != "application/json":
                 return self._error(
                     HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json"
@@ -184,9 +243,23 @@ def make_handler(service: ChatService, max_body_bytes: int):
 
 
 def make_server(pipeline, cfg) -> ThreadingHTTPServer:
-    """A bound (not yet serving) threaded server; ``cfg`` is a :class:`ServeConfig`."""
+    """A bound (not yet serving) threaded server; ``cfg`` is a :class:`ServeConfig`.
+
+    Raises:
+        UserError: the address cannot be bound (a port in use, an unknown host).
+    """
+    from lmsmith.errors import UserError
+
     service = ChatService(pipeline, cfg.max_message_chars, cfg.max_conversations)
-    server = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(service, cfg.max_body_bytes))
+    handler = make_handler(
+        service, cfg.max_body_bytes, tuple(cfg.allowed_hosts), float(cfg.timeout)
+    )
+    try:
+        server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
+    except OSError as e:
+        raise UserError(
+            f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e} (choose another --port)"
+        ) from None
     server.daemon_threads = True
     server.service = service
     return server

@@ -16,10 +16,15 @@ def show_run(cfg, s: dict) -> None:
     share = "–" if s["teacher_token_share"] is None else f"{100 * s['teacher_token_share']:.1f}%"
     ev = f"{s['eval_rougeL']:.2f}" if "eval_rougeL" in s else "–"
     print(
-        f"| {s['method']} | {s['steps']} | {s['final_loss']:.4f} | {s['tokens_per_s']:.1f} "
+        f"| {s['method']} | {s['steps']} | {_num(s['final_loss'], '.4f')} "
+        f"| {_num(s['tokens_per_s'], '.1f')} "
         f"| {share} | {ev} |"
     )
     print(
         f"\nstudent: {s['student_dir']}\n"
         f"run folder: {s['run_dir']} (config.json, metrics.jsonl, summary.json)"
     )
+
+
+def _num(x, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)

@@ -60,6 +60,10 @@ class DataConfig:
     )
 
     def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"data.limit must be >= 1 (or None for all rows), got {self.limit}")
+        if self.eval_limit < 1:
+            raise ValueError(f"data.eval_limit must be >= 1, got {self.eval_limit}")
         if self.max_prompt_tokens < 1 or self.max_total_tokens <= self.max_prompt_tokens:
             raise ValueError(
                 f"data.max_total_tokens ({self.max_total_tokens}) must exceed "
@@ -142,12 +146,22 @@ class TrainConfig:
     save_every: int = field(0, help="checkpoint every N steps (0 = end only)")
     output_dir: str | None = field(None, help="run folder (default runs/distill-<time>)")
     resume: bool = field(False, help="continue from the newest checkpoint in output_dir")
+    overwrite: bool = field(
+        False, help="replace an existing output_dir that is not a finished distill run"
+    )
     progress: bool = field(True, help="show progress bars")
 
     def __post_init__(self):
         for name in ("lr", "batch_size", "grad_accum", "max_steps"):
             if not getattr(self, name) > 0:  # also rejects NaN
                 raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ValueError("train.resume and train.overwrite exclude each other")
         if not 0 <= self.beta <= 1:
             raise ValueError(f"train.beta must be in [0, 1], got {self.beta}")
         if not 0 <= self.alpha < 1:

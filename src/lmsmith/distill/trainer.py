@@ -9,9 +9,12 @@ Determinism: the rows of micro-batch i and the random numbers of its rollout are
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -44,11 +47,22 @@ from lmsmith.generation import (
 )
 from lmsmith.metrics.rouge import rouge_l
 from lmsmith.precision import hardware, resolve_precision, torch_dtype
-from lmsmith.runs import MetricsSink, atomic_dir, make_run_dir, write_json
+from lmsmith.runs import MetricsSink, atomic_dir, prepare_output, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
 POSITION_BUCKETS = [(0, 15), (16, 31), (32, 63), (64, 127), (128, 10**9)]
+
+# What makes a checkpoint part of *this* run: --resume refuses a checkpoint whose recorded
+# config differs in any of these (max_steps, lr, logging, eval and output settings may change).
+RESUME_KEYS = (
+    "model.teacher", "model.student", "model.lora_rank", "model.lora_alpha",
+    "data.data", "data.limit", "data.max_prompt_tokens", "data.max_total_tokens",
+    "data.chat_template", "data.long_prompts",
+    "train.method", "train.divergence", "train.batch_size", "train.grad_accum", "train.seed",
+)  # fmt: skip
+_STEP = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^\.?step-\d+\.tmp-")  # a checkpoint write that was killed
 
 
 class TrainingDiverged(UserError):
@@ -89,6 +103,11 @@ class DistillTrainer:
         from accelerate import Accelerator
 
         cfg = self.cfg
+        # the output folder and the checkpoint to resume are checked before any model loads
+        self.out = prepare_output(
+            cfg.train.output_dir, "distill", cfg.train.overwrite, cfg.train.resume, can_resume=True
+        )
+        self._resume_from = check_resume(self.out.path, cfg) if cfg.train.resume else []
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -148,11 +167,14 @@ class DistillTrainer:
         self.replay: list[tuple[list[int], list[int]]] = []
         self._teacher_weights = None  # the frozen teacher's lean-decoder weights, built once
         # the run folder only once models and data have loaded: a bad input leaves nothing behind
-        self.run_dir = make_run_dir(cfg.train.output_dir, f"distill-{cfg.train.method}")
-        self.metrics = MetricsSink(self.run_dir / "metrics.jsonl", truncate=not cfg.train.resume)
+        self.run_dir = self.out.path
         if cfg.train.resume:
             self._load_checkpoint()
-        write_json(self.run_dir / "config.json", C.to_dict(cfg))
+        self.out.create(C.to_dict(cfg))
+        self.metrics = MetricsSink(self.run_dir / "metrics.jsonl", truncate=not cfg.train.resume)
+        if cfg.train.resume:  # rows of steps after the checkpoint are logged again
+            rows = _read_rows(self.metrics.path)
+            write_jsonl(self.metrics.path, [r for r in rows if r.get("step", 0) <= self.step])
 
     def _load_examples(self) -> list[Example]:
         cfg = self.cfg.data
@@ -537,26 +559,54 @@ class DistillTrainer:
             "replay": self.replay,
         }
         with atomic_dir(final) as tmp:
-            torch.save(state, tmp / "state.pt")
-        # temporary folders are hidden (".step-...") and never match
-        for old in sorted(self._ckpt_dir().glob("step-*"))[:-2]:  # keep the two newest
+            torch.save(state, tmp / "state.pt")  # tensors and plain values: weights_only loads it
+            write_json(tmp / "config.json", C.to_dict(self.cfg))  # what --resume checks against
+        for old in checkpoints(self.run_dir)[2:]:  # keep the two newest
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _load_checkpoint(self) -> None:
-        ckpts = sorted(self._ckpt_dir().glob("step-*"))
-        if not ckpts:
-            raise UserError(f"--resume: no checkpoint under {self._ckpt_dir()}")
-        state = torch.load(ckpts[-1] / "state.pt", weights_only=False)
-        self.accelerator.unwrap_model(self.student).load_state_dict(state["model"])
+        """The newest usable checkpoint (an unreadable or unfitting one is skipped with a
+        warning); only tensors and plain values are deserialised (``weights_only=True``)."""
+        student = self.accelerator.unwrap_model(self.student)
+        problems = []
+        for ck in self._resume_from:
+            try:
+                state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or "model" not in state or "step" not in state:
+                    raise ValueError("not an lmsmith distill checkpoint")
+                unfit = _unfit(student.state_dict(), state["model"])
+                if unfit:
+                    raise ValueError(f"written for another student architecture ({unfit})")
+                recorded = _read_config(ck / "config.json")
+                diff = recorded and config_differences(recorded, C.to_dict(self.cfg))
+                if diff:
+                    raise ValueError(f"written by another config ({'; '.join(diff)})")
+            except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try the older one)
+                why = " ".join(str(e).split())[:300] or type(e).__name__
+                problems.append(f"{ck.name}: {why}")
+                log.warning("checkpoint %s is unusable (%s); trying the one before it", ck, why)
+                continue
+            break
+        else:
+            raise UserError(
+                f"--resume: no usable checkpoint under {self._ckpt_dir()}: " + " | ".join(problems)
+            )
+        student.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
         self.step = state["step"]
         self.distillm_share = state.get(
             "distillm_share", state.get("lam")
         )  # older checkpoints: "lam"
-        self.best_val, self.replay = state["best_val"], state["replay"]
-        log.info("resumed from %s (step %d)", ckpts[-1], self.step)
+        self.best_val = state["best_val"]
+        self.replay = [(list(p), list(y)) for p, y in state["replay"]]
+        if problems:
+            log.warning("resumed from the older checkpoint %s (step %d)", ck, self.step)
+        for left in self._ckpt_dir().iterdir():  # folders of checkpoint writes that were killed
+            if _LEFTOVER.match(left.name):
+                shutil.rmtree(left, ignore_errors=True)
+        log.info("resumed from %s (step %d)", ck, self.step)
 
     def save_student(self) -> Path:
         """The final student as a plain HF folder (merged LoRA too, and the adapter beside it)."""
@@ -603,6 +653,17 @@ def run(cfg: DistillConfig, teacher=None, student=None, tokenizer=None) -> dict:
     """setup → train → evaluate → save; returns the summary (also written to summary.json)."""
     trainer = DistillTrainer(cfg, teacher, student, tokenizer)
     trainer.setup()
+    try:
+        summary = _train_and_save(trainer)
+    except BaseException:
+        trainer.out.discard(keep=("checkpoints",))  # a run with checkpoints stays resumable
+        raise
+    trainer.out.finish()
+    return summary
+
+
+def _train_and_save(trainer: DistillTrainer) -> dict:
+    cfg = trainer.cfg
     last = trainer.train()
     summary = {
         "method": cfg.train.method,
@@ -626,6 +687,116 @@ def run(cfg: DistillConfig, teacher=None, student=None, tokenizer=None) -> dict:
     summary["run_dir"] = str(trainer.run_dir)
     write_json(trainer.run_dir / "summary.json", summary)
     return summary
+
+
+def checkpoints(run_dir) -> list[Path]:
+    """The checkpoint folders of a run, newest first (never the leftovers of killed writes)."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and _STEP.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)), reverse=True)
+
+
+def _read_config(path: Path) -> dict | None:
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _same(a, b) -> bool:
+    if a == b:
+        return True
+    try:  # one file named two ways (relative / absolute)
+        return bool(a) and bool(b) and os.path.samefile(str(a), str(b))
+    except (OSError, TypeError):
+        return False
+
+
+def config_differences(recorded: dict, current: dict) -> list[str]:
+    """``"key: A in the checkpoint, B now"`` for each :data:`RESUME_KEYS` entry that differs."""
+    old, new = _flat(recorded), _flat(current)
+    return [
+        f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+        for k in RESUME_KEYS
+        if not _same(old.get(k), new.get(k))
+    ]
+
+
+def check_resume(run_dir: Path, cfg: DistillConfig) -> list[Path]:
+    """Before any model loads: the checkpoints ``--resume`` may continue from (newest first).
+
+    Raises:
+        UserError: no checkpoint, ``max_steps`` not beyond the checkpoint's step, or a
+            checkpoint written by another config (what differs is named).
+    """
+    ckpts = checkpoints(run_dir)
+    if not ckpts:
+        raise UserError(
+            f"--resume: no checkpoint under {Path(run_dir) / 'checkpoints'} "
+            "(train.save_every N writes one every N steps)"
+        )
+    step = int(_STEP.match(ckpts[0].name).group(1))
+    if cfg.train.max_steps <= step:
+        raise UserError(
+            f"--resume: the newest checkpoint ({ckpts[0]}) is at step {step}; "
+            f"train.max_steps ({cfg.train.max_steps}) must be larger to train further"
+        )
+    recorded = _read_config(ckpts[0] / "config.json") or _read_config(Path(run_dir) / "config.json")
+    if recorded is None:
+        raise UserError(
+            f"--resume: {run_dir} records no config.json to check the checkpoint against"
+        )
+    diff = config_differences(recorded, C.to_dict(cfg))
+    if diff:
+        raise UserError(
+            f"--resume: {ckpts[0]} belongs to another run: {'; '.join(diff)} "
+            "(choose another output_dir, or pass --overwrite to start over)"
+        )
+    return ckpts
+
+
+def _unfit(own: dict, loaded: dict) -> str:
+    """'' when the loaded state dict fits the model's, else what does not fit."""
+    if not isinstance(loaded, dict):
+        return "no parameter table"
+    missing = sorted(set(own) - set(loaded))
+    extra = sorted(set(loaded) - set(own))
+    if missing:
+        return f"{len(missing)} parameters missing, e.g. {missing[0]}"
+    if extra:
+        return f"{len(extra)} unexpected parameters, e.g. {extra[0]}"
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(loaded[k].shape):
+            return f"{k} has shape {tuple(loaded[k].shape)}, the student {tuple(v.shape)}"
+    return ""
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl rows; a line cut by a kill is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _mean_share(rows: list[dict]) -> float | None:
