@@ -163,23 +163,26 @@ def threads(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["matmul", "step", "threads", "all", "_decode"])
+    ap.add_argument("what", nargs="+", choices=["matmul", "step", "threads", "all", "_decode"])
     ap.add_argument("--steps", type=int, default=3, help="timed distill steps per precision")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if args.what == "_decode":
+    what = set(args.what)
+    if "all" in what:
+        what |= {"matmul", "step", "threads"}
+    if "_decode" in what:
         _decode_child()
         return 0
     from lmsmith.precision import hardware
 
     result = {"hardware": hardware("cpu"), "cpu_cores": os.cpu_count()}
     print(f"hardware: {result['hardware']}")
-    if args.what in ("matmul", "all"):
+    if "matmul" in what:
         result["matmul"] = matmul(args)
         print(json.dumps(result["matmul"]))
-    if args.what in ("step", "all"):
+    if "step" in what:
         result["step"] = step(args)
-    if args.what in ("threads", "all"):
+    if "threads" in what:
         result["threads"] = threads(args)
     if args.json:
         from lmsmith.runs import write_json
