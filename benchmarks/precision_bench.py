@@ -107,6 +107,7 @@ def step(args) -> dict:
 
 def _decode_child() -> None:
     """One greedy decode of 8 prompts × 32 tokens by the teacher; prints its seconds."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")  # as torch's OpenMP will read it
     import torch
 
     from lmsmith.data.instruct import build_prompt, load_instruct
@@ -119,12 +120,33 @@ def _decode_child() -> None:
     generate(model, tok, prompts[:2], max_new_tokens=4, greedy=True)  # warm-up
     t0 = time.perf_counter()
     generate(model, tok, prompts, max_new_tokens=32, greedy=True, batch_size=8)
-    print(json.dumps({"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - t0,
+                "threads": torch.get_num_threads(),
+                "omp_wait_policy": policy,
+                "load_avg_1min": os.getloadavg()[0],
+            }
+        )
+    )
+
+
+def _child_env(changes: dict) -> dict:
+    env = {**os.environ, "LMSMITH_LOG": "ERROR"}
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
 
 
 def threads(args) -> dict:
+    # libgomp spins unless OMP_WAIT_POLICY says otherwise; `import lmsmith` sets PASSIVE in this
+    # process, so the spinning case removes the variable for its child explicitly
     settings = {
-        "default": {},
+        "spin (OMP_WAIT_POLICY unset)": {"OMP_WAIT_POLICY": None},
         "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
         "1 thread": {"OMP_NUM_THREADS": "1"},
     }
@@ -144,7 +166,7 @@ def threads(args) -> dict:
                     [sys.executable, __file__, "_decode"],
                     capture_output=True,
                     text=True,
-                    env={**os.environ, **env, "LMSMITH_LOG": "ERROR"},
+                    env=_child_env(env),
                     timeout=1800,
                 )
                 if proc.returncode:
@@ -152,7 +174,8 @@ def threads(args) -> dict:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 out[f"{neighbour} / {name}"] = r
                 print(
-                    f"{neighbour:5s} {name:24s} {r['seconds']:.2f} s ({r['threads']} threads)",
+                    f"{neighbour:5s} {name:30s} {r['seconds']:6.2f} s ({r['threads']} threads, "
+                    f"OMP_WAIT_POLICY {r['omp_wait_policy']}, load {r['load_avg_1min']:.1f})",
                     flush=True,
                 )
         finally:
