@@ -15,9 +15,10 @@ Names are imported on first use, so ``import lmsmith`` stays light (no torch unt
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import TYPE_CHECKING
+
+from lmsmith._lazy import lazy_exports
 
 # torch's CPU thread pool (GNU OpenMP) spin-waits between parallel regions unless told
 # otherwise; beside another busy process on the same cores that spinning made a decode 7.5x
@@ -66,13 +67,4 @@ if TYPE_CHECKING:
     from lmsmith.models import load_lm, load_tokenizer
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"lmsmith.{name}")
-    raise AttributeError(f"module 'lmsmith' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBPACKAGES)

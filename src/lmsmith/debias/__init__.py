@@ -14,8 +14,9 @@ Names are imported on first use.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from lmsmith._lazy import lazy_exports
 
 _EXPORTS = {
     "DebiasConfig": "lmsmith.debias.config",
@@ -41,11 +42,4 @@ if TYPE_CHECKING:
     from lmsmith.debias.prune import Pruner, save_pruned
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lmsmith.debias' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -15,8 +15,9 @@ Names are imported on first use.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from lmsmith._lazy import lazy_exports
 
 _EXPORTS = {
     "DistillConfig": "lmsmith.distill.config",
@@ -46,11 +47,4 @@ if TYPE_CHECKING:
     from lmsmith.distill.trainer import DistillTrainer, run
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lmsmith.distill' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
