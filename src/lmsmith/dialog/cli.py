@@ -78,7 +78,10 @@ def show_serve(cfg, server) -> None:
     """Print the address, then serve until Ctrl-C."""
     host, port = server.server_address[:2]
     n = len(server.pipeline.retriever.passages)
-    print(f"serving {n} passages on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    print(
+        f"serving {n} passages on http://{host}:{port}/ (API docs /docs; Ctrl-C stops)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

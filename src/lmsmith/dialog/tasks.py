@@ -267,12 +267,13 @@ def train_reader(cfg: TrainReaderConfig) -> dict:
 
 
 def serve(cfg: ServeConfig):
-    """A bound (not yet serving) chat server over the index; ``server.pipeline`` is its
-    :class:`~lmsmith.dialog.pipeline.Pipeline`."""
+    """A bound (not yet serving) FastAPI + uvicorn server over the index; ``server.pipeline``
+    is its :class:`~lmsmith.dialog.pipeline.Pipeline`."""
     from lmsmith.dialog.retrieve import load_index
-    from lmsmith.dialog.serve import make_server
 
+    try:
+        from lmsmith.dialog.serve import make_server
+    except ImportError as e:
+        raise UserError(f"serving needs the 'serve' extra: pip install 'lmsmith[serve]' ({e})")
     pipe = build_pipeline(load_index(cfg.index), cfg.gen, cfg.grounding, cfg.k)
-    server = make_server(pipe, cfg)
-    server.pipeline = pipe
-    return server
+    return make_server(pipe, cfg)
