@@ -37,7 +37,7 @@ def show_train_retriever(cfg, s: dict) -> None:
 
 
 def show_answer(cfg, out: dict) -> None:
-    print(out["reply"])
+    print(out["reply"] + ("  [abstained: the documents do not answer]" if out["abstained"] else ""))
     if out["grounding"]:
         print(f"\ngrounding [{out['grounding']['passage_id']}]: {out['grounding']['text']}")
     for i, c in enumerate(out["citations"], start=1):
@@ -54,7 +54,8 @@ def show_eval(cfg, m: dict) -> None:
     print(
         f"{m['retriever']} + {m['grounder']} + {m['generator']}: {g}reply F1 {m['reply_f1']:.1f} "
         f"SacreBLEU {m['reply_sacrebleu']:.1f} ROUGE-L {m['reply_rougeL']:.1f} "
-        f"(sum without METEOR {m['reply_sum_no_meteor']:.1f}; {m['n']} turns, {m['wall_time_s']}s)"
+        f"(sum without METEOR {m['reply_sum_no_meteor']:.1f}; {m['n']} turns, "
+        f"{m['abstained_pct']:.1f}% abstained, {m['wall_time_s']}s)"
     )
 
 

@@ -486,6 +486,7 @@ def evaluate(pipe: Pipeline, items: list[EvalItem], progress: bool = True) -> tu
             [it.grounding_refs for it in items],
         )
         metrics["grounding_em"], metrics["grounding_f1"] = g["em"], g["f1"]
+    metrics["abstained_pct"] = 100.0 * sum(r["abstained"] for r in results) / len(results)
     if pipe.retriever is not None:
         hit = [
             any(c["passage_id"] in it.gold_pids for c in r["citations"])
@@ -497,6 +498,7 @@ def evaluate(pipe: Pipeline, items: list[EvalItem], progress: bool = True) -> tu
             "qid": it.qid,
             "current": it.current,
             "reply": r["reply"],
+            "abstained": r["abstained"],
             "reply_refs": it.reply_refs,
             "grounding": r["grounding"]["text"] if r["grounding"] else None,
             "grounding_refs": it.grounding_refs,
