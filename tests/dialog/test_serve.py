@@ -369,3 +369,37 @@ def test_real_pipeline_over_loopback(serve, tmp_path):
     assert events[0][0] == "meta" and events[-1][0] == "done"
     streamed = "".join(d["text"] for k, d in events if k == "token")
     assert streamed.strip() == events[-1][1]["reply"] == pipe.answer("permit cost?")["reply"]
+
+
+def test_slow_clients_are_cut_off(serve):
+    port = serve(StubPipeline(), timeout_request_s=0.5)
+    # a request head trickled a byte at a time (slowloris) does not hold the connection
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    t0 = time.monotonic()
+    closed = False
+    for b in b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 40:
+        try:
+            s.sendall(bytes([b]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.05)
+        if time.monotonic() - t0 > 1.5:
+            break
+    if not closed:
+        s.settimeout(3)
+        closed = s.recv(4096) == b""
+    assert closed and time.monotonic() - t0 < 4
+    s.close()
+    # a body that stops arriving gets 408
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 40\r\n\r\n{"message": '
+    )
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += s.recv(4096)
+    assert got.startswith(b"HTTP/1.1 408")
+    s.close()
+    assert request(port, "GET", "/healthz")[0] == 200

@@ -414,6 +414,10 @@ class ServeConfig:
     queue_timeout_s: float = field(60.0, help="a turn that waited longer gets 503")
     max_connections: int = field(64, help="open connections at once (else 503)")
     timeout_keep_alive_s: int = field(5, help="idle keep-alive connections are closed after")
+    timeout_request_s: float = field(
+        10.0,
+        help="a request's head, and each piece of its body, must arrive within (else closed / 408)",
+    )
     gen: GenConfig = nested(GenConfig)
     grounding: GroundConfig = nested(GroundConfig)
 
@@ -431,5 +435,6 @@ class ServeConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.queue_timeout_s <= 0:
-            raise ValueError(f"queue_timeout_s must be > 0, got {self.queue_timeout_s}")
+        for name in ("queue_timeout_s", "timeout_request_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -272,10 +272,11 @@ class ChatService:
 
 class BodyLimit:
     """413 for request bodies over ``max_bytes``, whether declared (Content-Length) or
-    streamed (chunked); a pure ASGI middleware, so nothing is buffered."""
+    streamed (chunked), and 408 for a body that has not fully arrived ``timeout`` seconds
+    after the previous piece; a pure ASGI middleware, so nothing is buffered."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float = 10.0):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -284,17 +285,28 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._refuse(send)
         seen = 0
-        started = refused = False
+        started = refused = body_done = False
 
         async def limited_receive():
-            # over the limit: answer 413 here (the app may catch a raised error and answer
-            # 400), then tell the app the client left, and drop whatever it sends
-            nonlocal seen, refused
+            # over the limit or too slow: answer here (the app may catch a raised error and
+            # answer 400), then tell the app the client left, and drop whatever it sends
+            nonlocal seen, refused, body_done
             if refused:
                 return {"type": "http.disconnect"}
-            msg = await receive()
+            if body_done:  # afterwards receive() only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                refused = True
+                if not started:
+                    await self._refuse(
+                        send, 408, f"request body not received within {self.timeout:g} s"
+                    )
+                return {"type": "http.disconnect"}
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if seen > self.max_bytes:
                     refused = True
                     if not started:
@@ -312,12 +324,13 @@ class BodyLimit:
 
         await self.app(scope, limited_receive, tracked_send)
 
-    async def _refuse(self, send):
-        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+    async def _refuse(self, send, status: int = 413, detail: str = ""):
+        detail = detail or f"request body over {self.max_bytes} bytes"
+        body = json.dumps({"detail": detail}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -486,12 +499,61 @@ def create_app(service: ChatService, cfg) -> FastAPI:
 
         return EventSourceResponse(sse(), ping=15, headers={"Cache-Control": "no-store"})
 
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout=cfg.timeout_request_s)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=cfg.allowed_hosts or LOCAL_HOSTS)
     return app
 
 
 # --------------------------------------------------------------------------- the server
+
+
+def guarded_h11(header_timeout: float):
+    """uvicorn's h11 protocol with a deadline on each request head: a connection that has not
+    sent a whole request line and headers ``header_timeout`` seconds after connecting (or after
+    its previous response) is closed. uvicorn's own keep-alive timer restarts on every byte,
+    so a client trickling a header a byte at a time (slowloris) would otherwise hold its
+    connection for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11(H11Protocol):
+        _deadline = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _waiting(self) -> bool:
+            """No request in progress: none yet, or the last one answered."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _expired(self) -> None:
+            if self._waiting() and not self.transport.is_closing():
+                log.info("closing a connection that sent no request head in %gs", header_timeout)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if not self._waiting():  # a request head arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11
 
 
 class Server:
@@ -511,6 +573,7 @@ class Server:
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
+                http=guarded_h11(cfg.timeout_request_s),
                 timeout_keep_alive=cfg.timeout_keep_alive_s,
                 limit_concurrency=cfg.max_connections,
                 timeout_graceful_shutdown=2,

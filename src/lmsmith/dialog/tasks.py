@@ -274,6 +274,8 @@ def serve(cfg: ServeConfig):
     try:
         from lmsmith.dialog.serve import make_server
     except ImportError as e:
-        raise UserError(f"serving needs the 'serve' extra: pip install 'lmsmith[serve]' ({e})")
+        raise UserError(
+            f"serving needs the 'serve' extra: pip install 'lmsmith[serve]' ({e})"
+        ) from None
     pipe = build_pipeline(load_index(cfg.index), cfg.gen, cfg.grounding, cfg.k)
     return make_server(pipe, cfg)
