@@ -254,7 +254,9 @@ def test_a_turn_that_waited_too_long_gets_503(serve):
     port = serve(stub, max_queue=4, queue_timeout_s=0.2)
     first = threading.Thread(target=request, args=(port, "POST", "/api/chat", {"message": "a"}))
     first.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while not stub.calls and time.monotonic() < deadline:  # "a" holds the model
+        time.sleep(0.01)
     result = []
     second = threading.Thread(
         target=lambda: result.append(request(port, "POST", "/api/chat", {"message": "b"}))
