@@ -178,7 +178,8 @@ def evaluate(cfg: DialogEvalConfig) -> dict:
         data=cfg.data,
         retriever="none" if r is None else r.kind,
         grounder=cfg.grounding.grounder,
-        generator=cfg.gen.generator,
+        generator="none (extract)" if cfg.gen.reply_mode == "extract" else cfg.gen.generator,
+        reply_mode=cfg.gen.reply_mode,
         k=cfg.k,
     )
     if cfg.json:
