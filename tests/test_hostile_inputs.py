@@ -435,7 +435,7 @@ def test_distill_resume_without_a_checkpoint_leaves_no_folder(tiny_dir, rows, tm
             ["distill", "--resume", "--overwrite", "--teacher", "no-such-model"],
             "exclude each other",
         ),
-        (["dialog", "serve", "--index", "i", "--timeout", "0"], "timeout must be > 0"),
+        (["dialog", "serve", "--index", "i", "--timeout-request-s", "0"], "timeout_request_s must be > 0"),
     ],
 )
 def test_validation_gaps(argv, needle, capsys):
@@ -488,9 +488,12 @@ class _Stub:
         self.retriever = type("R", (), {"passages": [Passage("d::1", "T // body")]})()
         self.calls = []
 
-    def answer(self, message, history):
+    def stream(self, message, history, cancel=None, max_new_tokens=None):
         self.calls.append(message)
-        return {"reply": f"echo: {message}", "grounding": None, "citations": []}
+        meta = {"grounding": None, "citations": [], "abstained": False}
+        yield "meta", meta
+        yield "token", f"echo: {message}"
+        yield "done", {"reply": f"echo: {message}", **meta}
 
 
 @pytest.fixture
@@ -501,8 +504,8 @@ def server():
     started = []
 
     def start(**kw):
-        srv = make_server(_Stub(), ServeConfig(port=0, **{"timeout": 1.0, **kw}))
-        threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+        cfg = ServeConfig(port=0, **{"timeout_request_s": 1.0, "timeout_keep_alive_s": 1, **kw})
+        srv = make_server(_Stub(), cfg).start()
         started.append(srv)
         return srv.server_address[1], srv.service.pipeline
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmsmith.dialog.corpus import Passage
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "md2d"
 
 
@@ -80,3 +82,54 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class BowEncoder:
+    """Unit bag-of-words vectors: the cosine of two texts is their normalised word overlap
+    (a stand-in for MiniLM with the sentence-transformers ``encode_*`` API)."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+        self.calls = 0
+
+    def encode_query(self, texts):
+        import re
+
+        import numpy as np
+
+        self.calls += 1
+        rows = []
+        for t in texts:
+            v = np.zeros(512, dtype=np.float32)
+            for w in re.findall(r"[a-z0-9]+", t.lower()):
+                if w not in {"the", "a", "of", "is", "do", "i", "how", "what", "my", "to"}:
+                    v[self.vocab.setdefault(w, len(self.vocab))] += 1
+            rows.append(v / max(1e-9, float(np.linalg.norm(v))))
+        return np.stack(rows)
+
+    encode_document = encode_query
+
+
+_PAGES = [
+    Passage(
+        "m::1",
+        "Moving / Address // You must report a change of address within ten days. "
+        "Reporting is free.",
+        title="Moving / Address",
+    ),
+    Passage(
+        "l::1",
+        "Library / Borrowing // Books are lent for 21 days. DVDs are lent for 7 days.",
+        title="Library / Borrowing",
+    ),
+]
+
+
+@pytest.fixture
+def bow_encoder():
+    return BowEncoder
+
+
+@pytest.fixture
+def pages():
+    return list(_PAGES)

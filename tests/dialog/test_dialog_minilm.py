@@ -1,4 +1,5 @@
-"""The one slow test: the real embedded all-MiniLM-L6-v2 retrieves the fixture's gold passages."""
+"""Slow tests with the real embedded all-MiniLM-L6-v2: retrieval of the fixture's gold passages;
+the default answer pipeline (dense grounding, abstention) on the grounded-QA pages."""
 
 from __future__ import annotations
 
@@ -75,3 +76,28 @@ def test_minilm_scores_match_the_previous_encoder(md2d_dir):
     for q, hits in zip(queries, r.search_batch(queries, 3)):
         assert [h.pid for h in hits] == [pid for pid, _ in MINILM_TOP3[q]]
         assert [h.score for h in hits] == pytest.approx([s for _, s in MINILM_TOP3[q]], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_default_pipeline_answers_from_the_sentence_and_abstains(tmp_path):
+    """`dialog index` + `dialog answer` with every default (hybrid index, dense grounding with
+    MiniLM, extractive reply, calibrated abstention) on the grounded-QA pages."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "benchmarks" / "assets" / "grounded-qa" / "docs"
+    ix = str(tmp_path / "ix")
+    assert lmsmith_main(["dialog", "index", "--docs", str(docs), "--out", ix]) == 0
+    out = tmp_path / "a.json"
+    q = "How many days do I have to report a change of address?"
+    assert lmsmith_main(["dialog", "answer", "--index", ix, "--query", q, "--json", str(out)]) == 0
+    a = json.loads(out.read_text())
+    assert "within 10 days" in a["reply"] and a["abstained"] is False
+    assert a["grounding"]["text"] == a["reply"]  # a sentence, not a heading
+    assert (
+        a["citations"][0]["title"]
+        == "Moving and changing your address / Report a change of address"
+    )
+    q = "What is the capital of France?"
+    assert lmsmith_main(["dialog", "answer", "--index", ix, "--query", q, "--json", str(out)]) == 0
+    a = json.loads(out.read_text())
+    assert a["abstained"] is True and a["citations"] == [] and "do not say" in a["reply"]

@@ -291,9 +291,12 @@ def test_cli_index_and_search_a_folder_of_documents(tmp_path, capsys):
     assert (
         lmsmith_main(
             ["dialog", "index", "--docs", str(docs), "--output", str(idx), "--progress", "false"]
+            + ["--retriever", "bm25"]
         )
         == 0
     )
+    # "# Pets" has no text of its own: no passage; it titles the two sections below it
+    assert "indexed 2 passages (bm25, structure)" in capsys.readouterr().out
     assert (
         lmsmith_main(
             ["dialog", "search", "--index", str(idx), "--query", "walks for my dog", "--k", "1"]
@@ -301,7 +304,7 @@ def test_cli_index_and_search_a_folder_of_documents(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "pets.md::3" in out and "Pets // Dogs Dogs need walks." in out
+    assert "pets.md::3" in out and "Pets / Dogs // Dogs need walks." in out
 
 
 def test_cli_user_errors_exit_2(tmp_path, capsys):

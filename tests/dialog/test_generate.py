@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -11,10 +13,11 @@ from lmsmith.dialog.generate import (
     TASK_LINES,
     DialogExample,
     _batch,
+    chat_messages,
     dialog_prompt,
     generate_texts,
     load_generator,
-    prompt_text,
+    stream_text,
     train_generator,
     training_pairs,
 )
@@ -40,30 +43,48 @@ def _example() -> DialogExample:
     )
 
 
-def test_prompt_has_documents_grounding_and_dialogue_in_order():
-    t = prompt_text(_example())
-    assert t.startswith("Documents:\n[1] Renew: Renewals can be done online.")
-    assert "Grounding: The fee is $20." in t
-    # oldest turn first, the current turn last, then the task line
-    i, j, k = t.index("User: Can I renew"), t.index("Agent: Yes, online."), t.index("User: And")
-    assert i < j < k
-    assert t.endswith(TASK_LINES["reply"])
-    g = prompt_text(_example(), task="ground")
-    assert "Grounding:" not in g and g.endswith(TASK_LINES["ground"])
-    bare = prompt_text(DialogExample("Hi?"))
-    assert bare == "Dialogue:\nUser: Hi?\n\n" + NO_DOCS_LINE
-    assert "..." in prompt_text(_example(), passage_words=3)
-    assert "Can I renew" not in prompt_text(_example(), max_history=1)
+def test_prompt_is_a_system_message_then_the_dialogue_as_chat_turns():
+    m = chat_messages(_example())
+    assert [x["role"] for x in m] == ["system", "user", "assistant", "user"]
+    system = m[0]["content"]
+    assert system.startswith(TASK_LINES["reply"])
+    assert "Documents:\n[1] Renew: Renewals can be done online." in system
+    assert system.endswith("Answer sentence: The fee is $20.")
+    # oldest turn first, the current turn last
+    assert [x["content"] for x in m[1:]] == ["Can I renew online?", "Yes, online.", "And the fee?"]
+    g = chat_messages(_example(), task="ground")
+    assert "Answer sentence" not in g[0]["content"] and g[0]["content"].startswith(
+        TASK_LINES["ground"]
+    )
+    bare = chat_messages(DialogExample("Hi?"))
+    assert bare == [
+        {"role": "system", "content": NO_DOCS_LINE},
+        {"role": "user", "content": "Hi?"},
+    ]
+    assert "..." in chat_messages(_example(), passage_words=3)[0]["content"]
+    assert len(chat_messages(_example(), max_history=1)) == 3
     with pytest.raises(ValueError, match="task"):
-        prompt_text(_example(), task="summarise")
+        chat_messages(_example(), task="summarise")
 
 
 def test_dialog_prompt_uses_the_chat_template_when_there_is_one():
     tok = tiny_tokenizer()
-    assert dialog_prompt(_example(), tok).endswith("Answer:")
+    plain = dialog_prompt(_example(), tok)
+    assert plain.startswith("System: ") and plain.endswith("User: And the fee?\n\nAssistant:")
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|bot|>"
     p = dialog_prompt(_example(), tok)
-    assert p.startswith("<|user|>Documents:") and p.endswith("<|bot|>")
+    assert p.startswith("<|system|>" + TASK_LINES["reply"]) and p.endswith("<|bot|>")
+    assert "<|user|>Can I renew online?<|assistant|>Yes, online.<|user|>And the fee?" in p
+
+
+def test_streamed_text_equals_the_batch_generation(tiny_gen_dir):
+    model, tok, _ = load_generator(tiny_gen_dir)
+    prompt = dialog_prompt(_example(), tok)
+    pieces = list(stream_text(model, tok, prompt, max_new_tokens=8))
+    assert "".join(pieces).strip() == generate_texts(model, tok, [prompt], max_new_tokens=8)[0]
+    stop = threading.Event()
+    stop.set()
+    assert len("".join(stream_text(model, tok, prompt, 8, cancel=stop))) <= len("".join(pieces))
 
 
 def test_batch_masks_prompt_and_padding():
@@ -107,7 +128,7 @@ def test_lora_training_lowers_the_loss_and_merges_to_a_plain_model(tiny_gen_dir,
 
 def test_generation_does_not_depend_on_batching(tiny_gen_dir):
     model, tok, _ = load_generator(tiny_gen_dir)
-    prompts = [dialog_prompt(_example(), tok), "User: hi\n\nAnswer:", "short"]
+    prompts = [dialog_prompt(_example(), tok), "User: hi\n\nAssistant:", "short"]
     one = [generate_texts(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
     assert generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=3) == one
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import (
     AutoModelForQuestionAnswering,
@@ -12,6 +13,7 @@ from transformers import (
 
 from lmsmith.dialog.corpus import Passage
 from lmsmith.dialog.ground import (
+    DenseGrounder,
     ExtractiveReader,
     ReaderExample,
     _best_span,
@@ -37,6 +39,43 @@ def test_sentences_and_body():
     ]
     assert passage_body("Title // the body") == ("the body", 9)
     assert passage_body("no title here") == ("no title here", 0)
+    # times and abbreviations do not end a sentence; a capital after them does
+    text = "Open from 9 a.m. to 3 p.m. on Saturdays. Bring e.g. a lease. Call 311."
+    assert [text[s:e] for s, e in sentences(text)] == [
+        "Open from 9 a.m. to 3 p.m. on Saturdays.",
+        "Bring e.g. a lease.",
+        "Call 311.",
+    ]
+
+
+def test_dense_grounder_picks_the_answering_sentence_and_caches_vectors(bow_encoder, pages):
+    PAGES = pages
+    enc = bow_encoder()
+    g = DenseGrounder(enc, PAGES, unknown_penalty=0.0)
+    out = g.ground("report change of address days", [], PAGES)
+    assert out.pid == "m::1" and out.text == "You must report a change of address within ten days."
+    body = passage_body(PAGES[0].text)[0]
+    assert body[out.start : out.end] == out.text
+    n = enc.calls
+    g.ground("free reporting", [], PAGES)
+    assert enc.calls == n + 1  # only the question was encoded: sentence vectors are cached
+    # a follow-up naming no topic leans on the previous user turn
+    out = g.ground("and dvds", [("agent", "21 days."), ("user", "how long are books lent")], PAGES)
+    assert out.text == "DVDs are lent for 7 days."
+    assert g.ground("anything", [], []) is None
+
+
+def test_unknown_words_lower_the_abstention_score(bow_encoder, pages):
+    PAGES = pages
+    g0 = DenseGrounder(bow_encoder(), PAGES, unknown_penalty=0.0)
+    g1 = DenseGrounder(bow_encoder(), PAGES, unknown_penalty=0.25)
+    assert g1.unknown_words("How much does a lifeguard permits cost?") == [
+        "cost", "lifeguard", "permit",
+    ]  # fmt: skip
+    assert g1.unknown_words("How many books can I borrow?") == ["borrow"]
+    q = "are books lent to lifeguards"
+    assert g1.ground(q, [], PAGES).score == pytest.approx(g0.ground(q, [], PAGES).score - 0.25)
+    assert g1.ground(q, [], PAGES).text == g0.ground(q, [], PAGES).text
 
 
 def test_target_span_exact_then_best_sentence():

@@ -108,7 +108,7 @@ def test_history_changes_the_prompt(fixture_set, tiny_gen_dir):
     pipe._gen = lambda prompts, progress=False: seen.extend(prompts) or ["ok"] * len(prompts)
     out = pipe.answer("And the cap?", [("agent", "Yes."), ("user", "Does the GI Bill pay?")])
     assert out["reply"] == "ok" and out["grounding"] is None
-    assert "User: Does the GI Bill pay?\nAgent: Yes.\nUser: And the cap?" in seen[0]
+    assert "User: Does the GI Bill pay?\n\nAssistant: Yes.\n\nUser: And the cap?" in seen[0]
 
 
 def test_evaluate_reports_bounded_metrics(fixture_set, tiny_gen_dir):
@@ -151,15 +151,18 @@ def test_cli_index_answer_eval_and_training(md2d_dir, tiny_gen_dir, tiny_encoder
         "# Moving\n\n## Address\n\nReport a change of address within ten days.\n\n"
         "## Fees\n\nThe moving permit costs twenty dollars.\n"
     )
-    assert dialog_main(["index", "--docs", str(docs), "--out", str(tmp_path / "ix")]) == 0
-    gen = ["--generator", tiny_gen_dir, "--max-new-tokens", "4"]
+    ix = ["--docs", str(docs), "--out", str(tmp_path / "ix"), "--retriever", "bm25"]
+    assert dialog_main(["index", *ix]) == 0
+    gen = ["--generator", tiny_gen_dir, "--max-new-tokens", "4", "--reply-mode", "generate"]
     q = ["--query", "when must I report my address change?", "--json", str(tmp_path / "a.json")]
-    assert dialog_main(["answer", "--index", str(tmp_path / "ix"), *q, *gen]) == 0
+    g = ["--grounder", "sentence"]
+    assert dialog_main(["answer", "--index", str(tmp_path / "ix"), *q, *gen, *g]) == 0
     a = json.loads((tmp_path / "a.json").read_text())
-    assert "ten days" in a["grounding"]["text"] and len(a["citations"]) == 3  # k: 3
+    assert "ten days" in a["grounding"]["text"] and a["abstained"] is False
+    assert len(a["citations"]) == 2  # k: 3, but "# Moving" alone is no passage
 
     dial = str(md2d_dir / "multidoc2dial_dial_validation.json")
-    ev = ["eval", "--data", dial, "--progress", "false", *gen]
+    ev = ["eval", "--data", dial, "--progress", "false", *gen, *g]
     assert (
         dialog_main([*ev, "--json", str(tmp_path / "m.json"), "--run-dir", str(tmp_path / "r")])
         == 0
@@ -184,8 +187,8 @@ def test_cli_index_answer_eval_and_training(md2d_dir, tiny_gen_dir, tiny_encoder
     rd = tmp_path / "reader"
     tr = ["train-reader", "--data", dial, "--init", tiny_encoder, "--output", str(rd)]
     assert dialog_main([*tr, "--epochs", "1", "--max-length", "64", "--progress", "false"]) == 0
-    g = ["--grounder", "reader", "--reader", str(rd)]
-    assert dialog_main([*ev, *g, "--json", str(tmp_path / "m2.json")]) == 0
+    rg = ["--grounder", "reader", "--reader", str(rd)]
+    assert dialog_main([*ev, *rg, "--json", str(tmp_path / "m2.json")]) == 0
     assert 0 <= json.loads((tmp_path / "m2.json").read_text())["grounding_f1"] <= 100
 
     assert dialog_main(["answer", "--query", "hi"]) == 2
@@ -201,3 +204,98 @@ def test_smollm2_answers_from_the_fixture(fixture_set):
     assert out["reply"].strip() and "Grounding" not in out["reply"]
     assert out["citations"][0]["passage_id"].startswith("Change your address")
     assert "ten days" in out["grounding"]["text"].lower()
+
+
+def _dense_pipe(bow, pages, tiny_gen_dir=None, reply_mode="extract", threshold=0.5):
+    from lmsmith.dialog.ground import DenseGrounder
+
+    r = BM25Retriever()
+    r.index(pages)
+    model = tok = None
+    if tiny_gen_dir is not None:
+        model, tok, _ = load_generator(tiny_gen_dir)
+    return Pipeline(
+        r,
+        model,
+        tok,
+        grounder="dense",
+        dense=DenseGrounder(bow(), pages),
+        k=2,
+        max_new_tokens=6,
+        reply_mode=reply_mode,
+        abstain_threshold=threshold,
+    )
+
+
+def test_extractive_reply_is_the_grounding_sentence_and_abstention_says_so(bow_encoder, pages):
+    from lmsmith.dialog.pipeline import ABSTAIN_REPLY
+
+    pipe = _dense_pipe(bow_encoder, pages)
+    out = pipe.answer("How many days to report a change of address?")
+    assert out["reply"] == "You must report a change of address within ten days."
+    assert out["abstained"] is False and out["grounding"]["passage_id"] == "m::1"
+    assert out["citations"][0]["passage_id"] == "m::1"
+    out = pipe.answer("Can I get a refund for my parking permit?")
+    assert out == {"reply": ABSTAIN_REPLY, "grounding": None, "citations": [], "abstained": True}
+    pipe.abstain_threshold = None  # never abstains (but with nothing retrieved)
+    assert pipe.answer("Can I get a refund for my parking permit?")["abstained"] is False
+
+
+@pytest.mark.parametrize("mode", ["extract", "generate", "phrase"])
+def test_stream_gives_meta_tokens_and_the_reply_answer_gives(
+    bow_encoder, pages, tiny_gen_dir, mode
+):
+    pipe = _dense_pipe(bow_encoder, pages, tiny_gen_dir, reply_mode=mode)
+    for q in ("How many days to report a change of address?", "Refund for a parking permit?"):
+        events = list(pipe.stream(q))
+        kinds = [k for k, _ in events]
+        assert kinds[0] == "meta" and kinds[-1] == "done" and "token" in kinds
+        assert "reply" not in events[0][1]
+        done = events[-1][1]
+        assert done == pipe.answer(q)
+        streamed = "".join(p for k, p in events if k == "token")
+        replaced = [p for k, p in events if k == "replace"]
+        assert (replaced[-1] if replaced else streamed.strip()) == done["reply"]
+
+
+def test_phrase_mode_keeps_a_rewrite_only_with_the_sentences_figures(
+    bow_encoder, pages, tiny_gen_dir
+):
+    from lmsmith.dialog.pipeline import figures, keeps_facts
+
+    assert figures("Pay $45 by 7 a.m. or 1.25% a month, from 9 to 10.") == {
+        "$45", "7 a.m", "1.25%", "9", "10",
+    }  # fmt: skip
+    src = "A permit costs $45 per year and expires on January 31."
+    assert keeps_facts(src, "It costs $45 a year.")
+    assert not keeps_facts(src, "It costs $54 a year.")  # a figure the sentence lacks
+    assert not keeps_facts(src, "It is cheap.")  # none of the sentence's figures
+    assert not keeps_facts(src, "  ")
+    assert keeps_facts("The library does not charge late fees.", "There are no late fees.")
+    assert not keeps_facts("The library does not charge late fees.", "It charges late fees.")
+    pipe = _dense_pipe(bow_encoder, pages, tiny_gen_dir, reply_mode="phrase")
+    pipe._gen = lambda prompts, progress=False: ["Within 12 days."] * len(prompts)
+    out = pipe.answer("How many days to report a change of address?")
+    assert out["reply"] == "You must report a change of address within ten days."
+    pipe._gen = lambda prompts, progress=False: ["Report it in ten days."] * len(prompts)
+    assert pipe.answer("How many days to report a change of address?")["reply"] == (
+        "Report it in ten days."
+    )
+
+
+def test_pipeline_refuses_inconsistent_settings(tiny_gen_dir):
+    r = BM25Retriever()
+    r.index([_one_passage()])
+    model, tok, _ = load_generator(tiny_gen_dir)
+    with pytest.raises(ValueError, match="DenseGrounder"):
+        Pipeline(r, model, tok, grounder="dense")
+    with pytest.raises(ValueError, match="generator"):
+        Pipeline(r, None, None, reply_mode="generate")
+    with pytest.raises(ValueError, match="extracts"):
+        Pipeline(r, model, tok, grounder="none", reply_mode="extract")
+
+
+def _one_passage():
+    from lmsmith.dialog.corpus import Passage
+
+    return Passage("x::1", "T // Some text.", title="T")

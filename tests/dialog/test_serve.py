@@ -1,9 +1,12 @@
-"""The HTTP API over loopback: replies with citations, conversations, limits, 4xx, concurrency."""
+"""The FastAPI app over loopback: replies with citations and abstention, conversations, SSE
+streaming, the OpenAI-compatible endpoint through the ``openai`` client, and the limits
+(422, 413, 429, 503, Host allow-list)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 
@@ -13,24 +16,34 @@ from lmsmith.dialog.config import ServeConfig
 from lmsmith.dialog.corpus import Passage
 from lmsmith.dialog.serve import ChatService, make_server
 
+CITE = {"passage_id": "d::1", "title": "T", "text": "T // body", "score": 1.0}
+
 
 class StubPipeline:
-    """Echoes the message and the history it was given; optionally waits on an event."""
+    """Echoes the message and the history it was given, in three streamed pieces; abstains on
+    messages that start with "?"; optionally waits on an event before answering."""
 
-    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False):
         self.retriever = type("R", (), {"passages": [Passage("d::1", "T // body")]})()
-        self.delay, self.gate, self.calls = delay, gate, []
+        self.gate, self.fail, self.calls = gate, fail, []
 
-    def answer(self, message, history):
-        self.calls.append((message, list(history)))
+    def stream(self, message, history, cancel=None, max_new_tokens=None):
+        self.calls.append((message, list(history), max_new_tokens))
         if self.gate is not None:
-            self.gate.wait(5)
-        time.sleep(self.delay)
-        return {
-            "reply": f"echo: {message} ({len(history)} earlier)",
-            "grounding": {"passage_id": "d::1", "text": "body", "score": 1.0},
-            "citations": [{"passage_id": "d::1", "title": "T", "text": "T // body", "score": 1.0}],
-        }
+            self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("model exploded")
+        if message.startswith("?"):
+            meta = {"grounding": None, "citations": [], "abstained": True}
+            pieces = ["The documents do not say."]
+        else:
+            g = {"passage_id": "d::1", "text": "body", "score": 1.0}
+            meta = {"grounding": g, "citations": [CITE], "abstained": False}
+            pieces = ["echo: ", message, f" ({len(history)} earlier)"]
+        yield "meta", meta
+        for p in pieces:
+            yield "token", p
+        yield "done", {"reply": "".join(pieces), **meta}
 
 
 @pytest.fixture
@@ -38,8 +51,7 @@ def serve():
     servers = []
 
     def start(pipeline, **kw):
-        srv = make_server(pipeline, ServeConfig(port=0, **kw))
-        threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+        srv = make_server(pipeline, ServeConfig(port=0, **kw)).start()
         servers.append(srv)
         return srv.server_address[1]
 
@@ -62,21 +74,37 @@ def request(port, method, path, body=None, headers=None, raw: bytes | None = Non
     return resp.status, (json.loads(payload) if "json" in ctype and payload else payload)
 
 
-def test_healthz_page_and_chat(serve):
+def sse_events(payload: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for block in payload.decode().replace("\r\n", "\n").split("\n\n"):
+        lines = dict(ln.split(": ", 1) for ln in block.splitlines() if ": " in ln)
+        if "data" in lines:
+            out.append((lines.get("event", "message"), json.loads(lines["data"])))
+    return out
+
+
+def test_health_page_openapi_and_chat(serve):
     port = serve(StubPipeline())
     assert request(port, "GET", "/healthz") == (200, {"status": "ok", "passages": 1})
     status, page = request(port, "GET", "/")
-    assert status == 200 and b"/api/chat" in page and b"citations" in page
+    assert status == 200 and b"/api/chat/stream" in page and b"citations" in page
+    status, spec = request(port, "GET", "/openapi.json")
+    assert status == 200 and {"/api/chat", "/api/chat/stream", "/v1/chat/completions"} <= set(
+        spec["paths"]
+    )
+    assert "abstained" in spec["components"]["schemas"]["ChatResponse"]["properties"]
+    assert request(port, "GET", "/docs")[0] == 200
     status, out = request(port, "POST", "/api/chat", {"message": " Hello "})
     assert status == 200
-    assert set(out) == {"conversation_id", "reply", "grounding", "citations"}
-    assert out["reply"] == "echo: Hello (0 earlier)"
-    assert out["citations"][0] == {
-        "passage_id": "d::1",
-        "title": "T",
-        "text": "T // body",
-        "score": 1.0,
+    assert out == {
+        "conversation_id": out["conversation_id"],
+        "reply": "echo: Hello (0 earlier)",
+        "grounding": {"passage_id": "d::1", "text": "body", "score": 1.0},
+        "citations": [CITE],
+        "abstained": False,
     }
+    status, out = request(port, "POST", "/api/chat", {"message": "?refund"})
+    assert status == 200 and out["abstained"] is True and out["citations"] == []
 
 
 def test_conversation_keeps_history(serve):
@@ -91,78 +119,226 @@ def test_conversation_keeps_history(serve):
     assert other["conversation_id"] == "mine-1" and other["reply"].endswith("(0 earlier)")
 
 
+def test_stream_sends_meta_tokens_done(serve):
+    port = serve(StubPipeline())
+    status, payload = request(port, "POST", "/api/chat/stream", {"message": "hi"})
+    assert status == 200
+    events = sse_events(payload)
+    kinds = [k for k, _ in events]
+    assert kinds == ["meta", "token", "token", "token", "done"]
+    meta, done = events[0][1], events[-1][1]
+    assert meta["citations"] == [CITE] and meta["abstained"] is False and "reply" not in meta
+    assert "".join(d["text"] for k, d in events if k == "token") == done["reply"]
+    assert done["conversation_id"] == meta["conversation_id"]
+    _, payload = request(port, "POST", "/api/chat/stream", {"message": "?nothing"})
+    done = sse_events(payload)[-1][1]
+    assert done["abstained"] is True and done["citations"] == []
+
+
 @pytest.mark.parametrize(
-    "body, status, needle",
+    "body, needle",
     [
-        ({"message": ""}, 400, "message"),
-        ({"message": 3}, 400, "message"),
-        ({}, 400, "message"),
-        ({"message": "hi", "extra": 1}, 400, "unknown"),
-        ({"message": "hi", "conversation_id": "../../etc"}, 400, "conversation_id"),
-        ({"message": "hi", "conversation_id": 7}, 400, "conversation_id"),
-        (["message"], 400, "object"),
-        ({"message": "x" * 101}, 413, "longer"),
+        ({"message": ""}, "message"),
+        ({"message": "   "}, "message"),
+        ({"message": 3}, "message"),
+        ({}, "message"),
+        ({"message": "hi", "extra": 1}, "extra"),
+        ({"message": "hi", "conversation_id": "../../etc"}, "conversation_id"),
+        ({"message": "hi", "conversation_id": 7}, "conversation_id"),
+        (["message"], "body"),
     ],
 )
-def test_bad_requests_get_a_clear_4xx(serve, body, status, needle):
-    port = serve(StubPipeline(), max_message_chars=100)
-    got, out = request(port, "POST", "/api/chat", body)
-    assert got == status and needle in out["error"] and out["status"] == status
-
-
-def test_transport_errors(serve):
+def test_validation_errors_are_422(serve, body, needle):
     stub = StubPipeline()
-    port = serve(stub, max_body_bytes=200)
-    assert request(port, "POST", "/api/chat", raw=b"{not json")[0] == 400
-    assert request(port, "POST", "/api/chat", raw=b"\xff\xfe")[0] == 400
-    status, out = request(port, "POST", "/api/chat", raw=b"x" * 201)
-    assert status == 413 and "200 bytes" in out["error"]
-    ct = {"Content-Type": "text/plain"}
-    assert request(port, "POST", "/api/chat", {"message": "hi"}, headers=ct)[0] == 415
-    assert request(port, "GET", "/api/chat")[0] == 405
-    assert request(port, "PUT", "/api/chat", {"message": "hi"})[0] == 405
-    assert request(port, "POST", "/elsewhere", {"message": "hi"})[0] == 404
+    port = serve(stub)
+    for path in ("/api/chat", "/api/chat/stream"):
+        got, out = request(port, "POST", path, body)
+        assert got == 422 and needle in json.dumps(out["detail"])
+    assert not stub.calls
+
+
+def test_size_limits_are_413(serve):
+    stub = StubPipeline()
+    port = serve(stub, max_body_bytes=200, max_message_chars=100)
+    status, out = request(port, "POST", "/api/chat", {"message": "x" * 101})
+    assert status == 413 and "100 characters" in out["detail"]
+    status, out = request(port, "POST", "/api/chat", raw=b'{"message": "' + b"x" * 300 + b'"}')
+    assert status == 413 and "200 bytes" in out["detail"]
+    # a chunked body declares no length: counted as it arrives
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    chunks = iter([b'{"message": "', b"x" * 150, b"y" * 150, b'"}'])
+    conn.request(
+        "POST",
+        "/api/chat",
+        body=chunks,
+        headers={"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
+    resp = conn.getresponse()
+    assert resp.status == 413
+    conn.close()
+    status, _ = request(port, "POST", "/api/chat", raw=b"{}", headers={"Content-Length": "abc"})
+    assert status in (400, 413)
     assert not stub.calls  # nothing reached the model
 
 
-@pytest.mark.parametrize(
-    "path", ["/../../../etc/passwd", "/static/index.html", "/serve.py", "/%2e%2e/cli.py", "//etc"]
-)
-def test_no_path_is_mapped_to_a_file(serve, path):
+def test_other_errors(serve):
+    stub = StubPipeline()
+    port = serve(stub)
+    assert request(port, "POST", "/api/chat", raw=b"{not json")[0] == 422
+    assert request(port, "GET", "/api/chat")[0] == 405
+    assert request(port, "POST", "/elsewhere", {"message": "hi"})[0] == 404
+    for path in ("/../../../etc/passwd", "/static/index.html", "/serve.py", "/%2e%2e/cli.py"):
+        assert request(port, "GET", path)[0] == 404
+    assert not stub.calls
+
+
+def test_host_header_allow_list(serve):
     port = serve(StubPipeline())
-    status, out = request(port, "GET", path)
-    assert status == 404 and out["error"].startswith("no such path")
+    assert request(port, "GET", "/healthz", headers={"Host": "evil.example"})[0] == 400
+    for host in (f"localhost:{port}", "127.0.0.1", f"[::1]:{port}"):
+        assert request(port, "GET", "/healthz", headers={"Host": host})[0] == 200
+    port2 = serve(StubPipeline(), allowed_hosts=["docs.example"])
+    assert request(port2, "GET", "/healthz", headers={"Host": "docs.example"})[0] == 200
+    assert request(port2, "GET", "/healthz", headers={"Host": "localhost"})[0] == 400
 
 
-def test_concurrent_requests_and_health_while_busy(serve):
+def test_binds_loopback_by_default():
+    cfg = ServeConfig(port=0)
+    assert cfg.host == "127.0.0.1"
+    srv = make_server(StubPipeline(), cfg)
+    try:
+        assert srv.server_address[0] == "127.0.0.1"
+    finally:
+        srv.server_close()
+
+
+def test_full_queue_answers_429_and_health_stays_up(serve):
     gate = threading.Event()
     stub = StubPipeline(gate=gate)
-    port = serve(stub)
+    port = serve(stub, max_queue=2)
     results = []
 
     def ask(i):
         results.append(request(port, "POST", "/api/chat", {"message": f"m{i}"}))
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while len(stub.calls) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the second request is admitted and waiting
     t0 = time.perf_counter()
-    assert request(port, "GET", "/healthz")[0] == 200  # answered while chats wait
-    assert time.perf_counter() - t0 < 2
+    status, out = request(port, "POST", "/api/chat", {"message": "one too many"})
+    assert status == 429 and "try again" in out["detail"]
+    status, _ = request(
+        port, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}
+    )
+    assert status == 429
+    assert request(port, "GET", "/healthz")[0] == 200
+    assert time.perf_counter() - t0 < 2  # refused at once, never a hang
     gate.set()
     for t in threads:
         t.join(10)
     assert sorted(out["reply"] for _, out in results) == [
-        f"echo: m{i} (0 earlier)" for i in range(6)
+        "echo: m0 (0 earlier)",
+        "echo: m1 (0 earlier)",
     ]
-    assert len({out["conversation_id"] for _, out in results}) == 6
+    assert request(port, "POST", "/api/chat", {"message": "later"})[0] == 200  # slots freed
+
+
+def test_a_turn_that_waited_too_long_gets_503(serve):
+    gate = threading.Event()
+    stub = StubPipeline(gate=gate)
+    port = serve(stub, max_queue=4, queue_timeout_s=0.2)
+    first = threading.Thread(target=request, args=(port, "POST", "/api/chat", {"message": "a"}))
+    first.start()
+    deadline = time.monotonic() + 5
+    while not stub.calls and time.monotonic() < deadline:  # "a" holds the model
+        time.sleep(0.01)
+    result = []
+    second = threading.Thread(
+        target=lambda: result.append(request(port, "POST", "/api/chat", {"message": "b"}))
+    )
+    second.start()
+    time.sleep(0.4)
+    gate.set()
+    first.join(10)
+    second.join(10)
+    assert result[0][0] == 503 and "busy" in result[0][1]["detail"]
+    assert [c[0] for c in stub.calls] == ["a"]  # the late turn never reached the model
+
+
+def test_model_failure_is_500_without_details(serve):
+    port = serve(StubPipeline(fail=True))
+    status, out = request(port, "POST", "/api/chat", {"message": "hi"})
+    assert status == 500 and out["detail"] == "internal error"
+
+
+def test_openai_client_plain_and_streaming(serve):
+    from openai import OpenAI
+
+    stub = StubPipeline()
+    port = serve(stub)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["lmsmith-dialog"]
+    msgs = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second"},
+    ]
+    out = client.chat.completions.create(model="lmsmith-dialog", messages=msgs, max_tokens=7)
+    assert out.choices[0].message.content == "echo: second (2 earlier)"
+    assert out.choices[0].finish_reason == "stop"
+    extra = out.model_extra
+    assert extra["abstained"] is False and extra["citations"][0]["passage_id"] == "d::1"
+    assert stub.calls[-1] == ("second", [("agent", "ok"), ("user", "first")], 7)
+
+    stream = client.chat.completions.create(
+        model="lmsmith-dialog", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == "echo: hi (0 earlier)"
+    assert sum(1 for c in chunks if c.choices[0].delta.content) == 3  # streamed, not one blob
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[0].model_extra["abstained"] is False
+
+    out = client.chat.completions.create(
+        model="lmsmith-dialog", messages=[{"role": "user", "content": "?refund"}]
+    )
+    assert out.model_extra["abstained"] is True
+
+    import openai
+
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(
+            model="lmsmith-dialog", messages=[{"role": "assistant", "content": "hi"}]
+        )
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="lmsmith-dialog", messages=[])
 
 
 def test_conversation_table_is_bounded():
     svc = ChatService(StubPipeline(), max_conversations=3)
-    ids = [svc.chat(None, f"q{i}")["conversation_id"] for i in range(5)]
+    ids = [svc.history(None)[0] for _ in range(5)]
     assert list(svc._conversations) == ids[2:]
+
+
+def test_idle_connections_are_closed(serve):
+    port = serve(StubPipeline(), timeout_keep_alive_s=1)
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    got = b""
+    while not got.endswith(b"}"):  # the whole response: headers, then the JSON body
+        got += s.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200")
+    t0 = time.monotonic()
+    assert s.recv(4096) == b""  # the server hung up
+    assert time.monotonic() - t0 < 4
+    s.close()
 
 
 def test_real_pipeline_over_loopback(serve, tmp_path):
@@ -183,9 +359,49 @@ def test_real_pipeline_over_loopback(serve, tmp_path):
             Passage("b::1", "Fees // The permit costs twenty dollars.", title="Fees"),
         ]
     )
-    port = serve(Pipeline(r, model, tok, k=2, max_new_tokens=4))
+    pipe = Pipeline(r, model, tok, k=2, max_new_tokens=4)
+    port = serve(pipe)
     status, out = request(port, "POST", "/api/chat", {"message": "How much does the permit cost?"})
-    assert status == 200 and isinstance(out["reply"], str)
+    assert status == 200 and isinstance(out["reply"], str) and out["abstained"] is False
     assert [c["passage_id"] for c in out["citations"]] == ["b::1", "a::1"]
     assert out["citations"][0]["title"] == "Fees"
     assert out["grounding"]["text"] == "The permit costs twenty dollars."
+    status, payload = request(port, "POST", "/api/chat/stream", {"message": "permit cost?"})
+    events = sse_events(payload)
+    assert events[0][0] == "meta" and events[-1][0] == "done"
+    streamed = "".join(d["text"] for k, d in events if k == "token")
+    assert streamed.strip() == events[-1][1]["reply"] == pipe.answer("permit cost?")["reply"]
+
+
+def test_slow_clients_are_cut_off(serve):
+    port = serve(StubPipeline(), timeout_request_s=0.5)
+    # a request head trickled a byte at a time (slowloris) does not hold the connection
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    t0 = time.monotonic()
+    closed = False
+    for b in b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 40:
+        try:
+            s.sendall(bytes([b]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.05)
+        if time.monotonic() - t0 > 1.5:
+            break
+    if not closed:
+        s.settimeout(3)
+        closed = s.recv(4096) == b""
+    assert closed and time.monotonic() - t0 < 4
+    s.close()
+    # a body that stops arriving gets 408
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 40\r\n\r\n{"message": '
+    )
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += s.recv(4096)
+    assert got.startswith(b"HTTP/1.1 408")
+    s.close()
+    assert request(port, "GET", "/healthz")[0] == 200

@@ -44,6 +44,7 @@ class Span:
     id_sec: str
     title: str = ""  # the title of the section the span belongs to
     parent_titles: list[str] = field(default_factory=list)  # outermost first
+    heading: bool = False  # the span is a section heading (our own documents mark them)
 
 
 @dataclass
@@ -370,9 +371,9 @@ class _DocBuilder:
             self.path.pop()
         self.path.append((level, text))
         self.n_sec += 1
-        self.add(text)
+        self.add(text, heading=True)
 
-    def add(self, text: str) -> None:
+    def add(self, text: str, heading: bool = False) -> None:
         text = " ".join(text.split())
         if not text:
             return
@@ -397,6 +398,7 @@ class _DocBuilder:
                 id_sec=str(self.n_sec),
                 title=sec_title,
                 parent_titles=parents,
+                heading=heading,
             )
         )
 

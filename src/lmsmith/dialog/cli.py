@@ -37,7 +37,7 @@ def show_train_retriever(cfg, s: dict) -> None:
 
 
 def show_answer(cfg, out: dict) -> None:
-    print(out["reply"])
+    print(out["reply"] + ("  [abstained: the documents do not answer]" if out["abstained"] else ""))
     if out["grounding"]:
         print(f"\ngrounding [{out['grounding']['passage_id']}]: {out['grounding']['text']}")
     for i, c in enumerate(out["citations"], start=1):
@@ -54,7 +54,8 @@ def show_eval(cfg, m: dict) -> None:
     print(
         f"{m['retriever']} + {m['grounder']} + {m['generator']}: {g}reply F1 {m['reply_f1']:.1f} "
         f"SacreBLEU {m['reply_sacrebleu']:.1f} ROUGE-L {m['reply_rougeL']:.1f} "
-        f"(sum without METEOR {m['reply_sum_no_meteor']:.1f}; {m['n']} turns, {m['wall_time_s']}s)"
+        f"(sum without METEOR {m['reply_sum_no_meteor']:.1f}; {m['n']} turns, "
+        f"{m['abstained_pct']:.1f}% abstained, {m['wall_time_s']}s)"
     )
 
 
@@ -78,7 +79,10 @@ def show_serve(cfg, server) -> None:
     """Print the address, then serve until Ctrl-C."""
     host, port = server.server_address[:2]
     n = len(server.pipeline.retriever.passages)
-    print(f"serving {n} passages on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    print(
+        f"serving {n} passages on http://{host}:{port}/ (API docs /docs; Ctrl-C stops)",
+        flush=True,
+    )
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.allowed_hosts:
         print(
             "note: only requests addressed to localhost are answered; name the host clients "

@@ -87,7 +87,7 @@ class FusionConfig:
     alpha: float = field(0.5, help="weighted: weight of the dense score (1 - alpha for BM25)")
     depth: int = field(100, help="candidates taken from each retriever before fusing")
     sparse_query: Literal["full", "current"] = field(
-        "full", help="what BM25 sees: the whole query, or only the current turn (before [SEP])"
+        "current", help="what BM25 sees: the whole query, or only the current turn (before [SEP])"
     )
 
     def __post_init__(self):
@@ -130,7 +130,7 @@ class IndexConfig:
         "", help="index folder to write (replaced atomically)", required=True, aliases=("out",)
     )
     overwrite: bool = overwrite_switch("output folder")
-    retriever: RetrieverKind = field("bm25", help="which retriever to build")
+    retriever: RetrieverKind = field("hybrid", help="which retriever to build")
     progress: bool = progress_switch()
     settings: RetrieverConfig = nested(RetrieverConfig)
 
@@ -235,6 +235,11 @@ class GenConfig:
     gen_batch_size: int = field(4, help="prompts generated together")
     passage_words: int = field(120, help="words of each passage put in the prompt")
     max_turns: int = field(4, help="earlier dialogue turns put in the prompt")
+    reply_mode: Literal["extract", "generate", "phrase"] = field(
+        "extract",
+        help="reply = the grounding sentence (no LM), the LM's reply to the chat prompt, or "
+        "the LM's rewrite of the grounding sentence (kept only if its figures match)",
+    )
 
     def __post_init__(self):
         for name in (
@@ -249,12 +254,33 @@ class GenConfig:
             raise ValueError(f"max_turns must be >= 0, got {self.max_turns}")
 
 
+# Calibrated on the dev half of benchmarks/assets/grounded-qa (docs/methods.md, "Abstention")
+DENSE_ABSTAIN_THRESHOLD = 0.537
+DENSE_UNKNOWN_PENALTY = 0.05
+
+
 @dataclass
 class GroundConfig:
-    grounder: Literal["reader", "sentence", "lm", "none"] = field(
-        "sentence",
-        help="span picker: trained extractive reader, query-overlap sentence, the generator "
-        "itself (multi-task models), or none",
+    grounder: Literal["dense", "reader", "sentence", "lm", "none"] = field(
+        "dense",
+        help="span picker: sentence closest in meaning (bi-encoder), trained extractive "
+        "reader, query-overlap sentence, the generator itself (multi-task models), or none",
+    )
+    ground_encoder: str = field(
+        "minilm-l6", help="dense grounder: bi-encoder (the index's own when it is the same)"
+    )
+    history_weight: float = field(
+        0.5, help="dense grounder: weight of the similarity to the previous user turn"
+    )
+    unknown_penalty: float = field(
+        DENSE_UNKNOWN_PENALTY,
+        help="dense grounder: abstention score lost per question word the documents never use",
+    )
+    abstain_threshold: float | None = field(
+        None,
+        help="grounding score under which the reply says the documents do not answer "
+        "(None: the calibrated value for grounder dense, no abstention for the others; "
+        "-inf: never)",
     )
     reader: str = field("", help="reader folder (from train-reader); needed by grounder=reader")
     reader_max_length: int = field(256, help="reader tokens of query + passage")
@@ -266,6 +292,15 @@ class GroundConfig:
         for name in ("reader_max_length", "max_answer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("history_weight", "unknown_penalty"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def threshold(self) -> float | None:
+        """The abstention threshold in force (None: never abstain)."""
+        if self.abstain_threshold is not None:
+            return None if self.abstain_threshold == float("-inf") else self.abstain_threshold
+        return DENSE_ABSTAIN_THRESHOLD if self.grounder == "dense" else None
 
 
 @dataclass
@@ -379,17 +414,20 @@ class ServeConfig:
     )
     host: str = field("127.0.0.1", help="address to listen on (0.0.0.0 exposes it)")
     port: int = field(8000, help="TCP port (0: any free port)")
+    allowed_hosts: list[str] = field(
+        [], help="Host header values accepted (empty: localhost, 127.0.0.1, [::1]; '*': any)"
+    )
     k: int = field(3, help="passages retrieved and cited per reply")
     max_body_bytes: int = field(16384, help="largest request body accepted (else 413)")
     max_message_chars: int = field(2000, help="longest message accepted (else 413)")
     max_conversations: int = field(1000, help="conversations kept in memory (oldest dropped)")
-    allowed_hosts: list[str] = field(
-        [],
-        help="Host header values accepted besides localhost, 127.0.0.1 and [::1] (DNS "
-        "rebinding guard; '*' accepts any)",
-    )
-    timeout: float = field(
-        30.0, help="seconds a connection may stay silent (or a body unfinished) before it is closed"
+    max_queue: int = field(8, help="turns admitted at once, waiting or running (else 429)")
+    queue_timeout_s: float = field(60.0, help="a turn that waited longer gets 503")
+    max_connections: int = field(64, help="open connections at once (else 503)")
+    timeout_keep_alive_s: int = field(5, help="idle keep-alive connections are closed after")
+    timeout_request_s: float = field(
+        10.0,
+        help="a request's head, and each piece of its body, must arrive within (else closed / 408)",
     )
     gen: GenConfig = nested(GenConfig)
     grounding: GroundConfig = nested(GroundConfig)
@@ -397,8 +435,17 @@ class ServeConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("k", "max_body_bytes", "max_message_chars", "max_conversations"):
+        for name in (
+            "k",
+            "max_body_bytes",
+            "max_message_chars",
+            "max_conversations",
+            "max_queue",
+            "max_connections",
+            "timeout_keep_alive_s",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        for name in ("queue_timeout_s", "timeout_request_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -4,7 +4,10 @@ Two segmentations:
 
 - ``structure``: one passage per section, ``"title // section text"``, where the title is the
   section's parent titles joined by " / " when it has more than one, else the document title
-  (the IBM MultiDoc2Dial baseline's rule). Id: ``"{doc_id}::{id_sec}"``.
+  (the IBM MultiDoc2Dial baseline's rule). Id: ``"{doc_id}::{id_sec}"``. In the user's own
+  documents (where headings are marked) the title is the heading path, "document / ... /
+  section heading", the body holds no heading, and a heading with no text of its own gives no
+  passage.
 - ``token``: windows of ``size`` whitespace tokens every ``stride`` tokens, ``"title // text"``.
   Id: ``"{doc_id}::w{first token}"``.
 
@@ -71,6 +74,16 @@ def _passage_title(doc: Document, parent_titles: list[str]) -> str:
     return " / ".join(parents) if len(parents) > 1 else _clean_title(doc.title)
 
 
+def _heading_title(doc: Document, parent_titles: list[str], heading: str) -> str:
+    """``"doc title / enclosing headings / section heading"`` (repeats dropped)."""
+    parts: list[str] = []
+    for t in [doc.title, *parent_titles, heading]:
+        t = _clean_title(t)
+        if t and t not in parts:
+            parts.append(t)
+    return " / ".join(parts)
+
+
 def structure_passages(docs: list[Document]) -> list[Passage]:
     """One passage per section (consecutive spans sharing ``id_sec``), in document order."""
     out: list[Passage] = []
@@ -83,14 +96,18 @@ def structure_passages(docs: list[Document]) -> list[Passage]:
                 groups.append([sp])
         seen: dict[str, int] = {}
         for g in groups:
-            body = " ".join(" ".join(s.text.split()) for s in g).strip()
+            heads = [s for s in g if s.heading]
+            body = " ".join(" ".join(s.text.split()) for s in g if not s.heading).strip()
             if not body:
-                continue
+                continue  # a heading alone: its text titles the sections below it
             sec = g[0].id_sec
             n = seen.get(sec, 0)
             seen[sec] = n + 1
             pid = f"{doc.doc_id}::{sec}" + (f"-{n}" if n else "")
-            title = _passage_title(doc, g[0].parent_titles)
+            if heads:  # our own documents: the heading path is the title, not body text
+                title = _heading_title(doc, g[0].parent_titles, heads[0].text)
+            else:
+                title = _passage_title(doc, g[0].parent_titles)
             out.append(
                 Passage(
                     pid=pid,

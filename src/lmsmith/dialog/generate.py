@@ -1,22 +1,17 @@
 """Reply generation conditioned on the dialogue and the grounded passages; LoRA fine-tuning.
 
-Prompt (one user message in the model's chat template when it has one, else plain text)::
+Prompts are chat messages, the way instruction-tuned models were tuned (rendered with the
+tokenizer's chat template; models without one get a plain ``System:/User:/Assistant:`` text):
 
-    Documents:
-    [1] title: body (first ``passage_words`` words)
-    ...
-    Grounding: the span the reply should rest on      (when a grounder gave one)
+- **system**: the task (answer from the documents only, briefly; say so when they do not
+  answer), the documents ``[i] title: body`` (first ``passage_words`` words of each), and,
+  when a grounder found one, the sentence that answers (``Answer sentence: ...``);
+- then the dialogue as chat turns, oldest first (``max_history`` earlier turns, user turns as
+  ``user``, agent turns as ``assistant``), the current user turn last.
 
-    Dialogue:
-    User: ...  /  Agent: ...  (oldest first)
-    User: <current turn>
-
-    Reply to the user's last message using the documents. Be brief.
-
-Two tasks share the format and differ in the last line: ``reply`` (target: the agent's reply)
-and ``ground`` (target: the grounding span, copied from the documents). Multi-task training
-mixes both in one model, as Jang et al.'s system does; at answer time the same model can ground
-first (task ``ground``) and then reply with its span in the prompt.
+Two tasks share the format and differ in the system message's task line: ``reply`` (target:
+the agent's reply) and ``ground`` (target: the grounding sentence, copied from the documents).
+Multi-task training mixes both in one model, as Jang et al.'s system does.
 """
 
 from __future__ import annotations
@@ -34,10 +29,13 @@ from transformers import DataCollatorForSeq2Seq
 log = logging.getLogger(__name__)
 
 TASK_LINES = {
-    "reply": "Reply to the user's last message using the documents. Be brief.",
-    "ground": "Copy the sentence of the documents that answers the user's last message.",
+    "reply": "You answer questions using only the documents below. Reply to the user's last "
+    "message in one or two short sentences, keeping the documents' exact figures and names. "
+    "If the documents do not answer it, say that they do not.",
+    "ground": "Copy, word for word, the sentence of the documents below that answers the "
+    "user's last message.",
 }
-NO_DOCS_LINE = "Reply to the user's last message. Be brief."
+NO_DOCS_LINE = "Reply to the user's last message in one or two short sentences."
 
 
 @dataclass
@@ -57,38 +55,43 @@ def _clip_words(text: str, n: int) -> str:
     return " ".join(words[:n]) + (" ..." if len(words) > n else "")
 
 
-def prompt_text(
+def chat_messages(
     ex: DialogExample, task: str = "reply", passage_words: int = 120, max_history: int = 4
-) -> str:
-    """The user message of the prompt (before any chat template)."""
+) -> list[dict]:
+    """The prompt as chat messages: a system message, then the dialogue (oldest first)."""
     if task not in TASK_LINES:
         raise ValueError(f"task must be one of {list(TASK_LINES)}, got {task!r}")
-    parts = []
+    system = [TASK_LINES[task] if ex.passages or task == "ground" else NO_DOCS_LINE]
     if ex.passages:
         docs = []
         for i, p in enumerate(ex.passages, start=1):
             title, sep, body = p.text.partition(" // ")
             text = f"{title}: {body}" if sep else p.text
             docs.append(f"[{i}] {_clip_words(text, passage_words)}")
-        parts.append("Documents:\n" + "\n".join(docs))
+        system.append("Documents:\n" + "\n".join(docs))
     if ex.grounding and task == "reply":
-        parts.append(f"Grounding: {ex.grounding.strip()}")
-    turns = list(reversed(ex.history[:max_history]))
-    lines = [f"{'User' if r == 'user' else 'Agent'}: {u.strip()}" for r, u in turns]
-    lines.append(f"User: {ex.current.strip()}")
-    parts.append("Dialogue:\n" + "\n".join(lines))
-    parts.append(TASK_LINES[task] if ex.passages or task == "ground" else NO_DOCS_LINE)
-    return "\n\n".join(parts)
+        system.append(f"Answer sentence: {ex.grounding.strip()}")
+    messages = [{"role": "system", "content": "\n\n".join(system)}]
+    for role, text in reversed(ex.history[:max_history]):
+        messages.append(
+            {"role": "user" if role == "user" else "assistant", "content": text.strip()}
+        )
+    messages.append({"role": "user", "content": ex.current.strip()})
+    return messages
+
+
+def render_chat(messages: list[dict], tokenizer) -> str:
+    """The text the model continues: the chat template with the assistant's turn opened, or
+    plain ``Role: text`` lines ending in ``Assistant:`` when the tokenizer has no template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join(lines) + "\n\nAssistant:"
 
 
 def dialog_prompt(ex: DialogExample, tokenizer, task: str = "reply", **kw) -> str:
-    """The full text the model continues: the chat template when the tokenizer has one."""
-    text = prompt_text(ex, task, **kw)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return text + "\n\nAnswer:"
+    """:func:`chat_messages` rendered by :func:`render_chat`."""
+    return render_chat(chat_messages(ex, task, **kw), tokenizer)
 
 
 def load_generator(spec: str):
@@ -265,3 +268,66 @@ def train_generator(
         "train_time_s": round(time.perf_counter() - t0, 2),
     }
     return merged, summary
+
+
+def stream_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    max_prompt_tokens: int = 1024,
+    cancel=None,
+):
+    """Greedy continuation of one prompt, yielded piece by piece as tokens are decoded.
+
+    ``model.generate`` runs in a helper thread and hands text to a transformers
+    ``TextIteratorStreamer`` (which holds back partial words and multi-byte characters);
+    ``cancel`` (a ``threading.Event``) stops generation at the next token. The pieces joined
+    and stripped equal :func:`generate_texts` on the same prompt (one prompt, no padding).
+    """
+    import threading
+
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    from lmsmith.data.instruct import tokenize_prompt
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return cancel is not None and cancel.is_set()
+
+    dev = next(model.parameters()).device
+    ids = torch.tensor([tokenize_prompt(tokenizer, prompt, max_prompt_tokens)[0]], device=dev)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+    )
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as e:  # surfaced in the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    t = threading.Thread(target=work, name="lmsmith-generate", daemon=True)
+    t.start()
+    first = True
+    for piece in streamer:
+        if first:
+            piece = piece.lstrip()
+            first = not piece
+        if piece:
+            yield piece
+    t.join()
+    if errors:
+        raise errors[0]

@@ -1,6 +1,10 @@
 """Grounding: pick the span of the retrieved passages that the agent's reply should rest on.
 
-Two grounders over the top-k passages:
+Three grounders over the top-k passages:
+
+- :class:`DenseGrounder` (the default): the sentence closest in meaning to the user's turn
+  (bi-encoder cosine); its score, less a penalty per question word the collection never
+  uses, decides abstention.
 
 - :class:`ExtractiveReader`: an encoder with a start/end head (``AutoModelForQuestionAnswering``;
   MiniLM by default) reads ``query [SEP] passage body`` for each passage; the best span of each
@@ -57,10 +61,15 @@ def passage_body(text: str) -> tuple[str, int]:
     return (text[i + 4 :], i + 4) if i >= 0 else (text, 0)
 
 
+# a sentence ends at . ! ? followed by a space and a capital, digit, quote or bracket, so
+# "from 9 a.m. to 3 p.m." and "e.g. a lease" stay whole; line breaks always end one
+_SENT_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])|\n+")
+
+
 def sentences(text: str) -> list[tuple[int, int]]:
-    """Character ranges of the sentences of ``text`` (split after . ! ? and at line breaks)."""
+    """Character ranges of the sentences of ``text``."""
     out, start = [], 0
-    for m in re.finditer(r"(?<=[.!?])\s+|\n+", text):
+    for m in _SENT_END.finditer(text):
         if text[start : m.start()].strip():
             out.append((start, m.start()))
         start = m.end()
@@ -109,6 +118,103 @@ def sentence_ground(query: str, passages: list) -> Grounding | None:
             if best is None or score > best.score:
                 best = Grounding(p.pid, body[s:e], s, e, score)
     return best
+
+
+# --------------------------------------------------------------------------- dense sentences
+
+
+# interrogative filler: never a topic word
+_QUESTION_WORDS = frozenset("much many long often far soon early late time ahead".split())
+
+
+def _stem(word: str) -> str:
+    """Plural -s off (``permits`` → ``permit``), enough to match a question's words to a page's."""
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def topic_words(text: str) -> set[str]:
+    """Content words of ``text`` (stop words and interrogative filler out), plural -s off."""
+    return {_stem(w) for w in _content(text) if w not in _QUESTION_WORDS}
+
+
+class DenseGrounder:
+    """The sentence of the retrieved passages that answers the user's turn, by meaning; and a
+    score that says whether any does.
+
+    Every sentence of a passage body is embedded as ``"title: sentence"`` (the section's
+    heading path tells the encoder what the sentence is about) with the retriever's bi-encoder
+    (MiniLM by default); vectors are cached per passage. A sentence scores
+
+        cos(current turn, sentence) + history_weight * cos(previous user turn, sentence)
+
+    (the previous user turn counts only when there is one: follow-ups such as "And DVDs?"
+    name no topic), and the best sentence is the grounding. Its score, less
+    ``unknown_penalty`` for each topic word of the turn that occurs nowhere in the collection
+    ("lifeguard", "passport": the documents cannot be about it), is what
+    :class:`~lmsmith.dialog.pipeline.Pipeline` compares with the abstention threshold; the
+    penalty and the threshold are calibrated together (docs/methods.md, "Abstention").
+    """
+
+    def __init__(
+        self,
+        encoder,
+        passages: list,
+        history_weight: float = 0.5,
+        unknown_penalty: float = 0.05,
+        max_cache: int = 20000,
+    ):
+        self.encoder, self.history_weight = encoder, history_weight
+        self.unknown_penalty = unknown_penalty
+        self.vocabulary: set[str] = set()
+        for p in passages:
+            self.vocabulary |= topic_words(p.text)
+        self._cache: dict[str, tuple] = {}
+        self.max_cache = max_cache
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Topic words of ``text`` that no passage of the collection has, sorted."""
+        return sorted(topic_words(text) - self.vocabulary)
+
+    def _sentences(self, p):
+        """(ranges, texts, vectors (S, H)) of a passage's body sentences, cached by pid."""
+        hit = self._cache.get(p.pid)
+        if hit is None:
+            body, _ = passage_body(p.text)
+            ranges = [(s, e) for s, e in sentences(body) if _content(body[s:e])]
+            texts = [body[s:e] for s, e in ranges]
+            title = getattr(p, "title", "") or p.text.partition(" // ")[0]
+            docs = [f"{title}: {t}" if title else t for t in texts]
+            vecs = self.encoder.encode_document(docs) if docs else None
+            if len(self._cache) >= self.max_cache:
+                self._cache.pop(next(iter(self._cache)))
+            hit = self._cache[p.pid] = (ranges, texts, vecs)
+        return hit
+
+    def ground(
+        self, current: str, history: list[tuple[str, str]], passages: list
+    ) -> Grounding | None:
+        """The best sentence of ``passages`` for the turn ``current`` (history most recent
+        first), its ``score`` the abstention score; None when the passages hold no sentence."""
+        import numpy as np
+
+        prev = next((t for r, t in history if r == "user" and t.strip()), "")
+        queries = [current] + ([prev] if prev and self.history_weight else [])
+        qv = np.asarray(self.encoder.encode_query(queries))  # (1 or 2, H), unit length
+        best: tuple[float, object, tuple[int, int], str] | None = None
+        for p in passages:
+            ranges, texts, vecs = self._sentences(p)
+            if not texts:
+                continue
+            sims = np.asarray(vecs) @ qv.T  # (S, 1 or 2)
+            scores = sims[:, 0] + (self.history_weight * sims[:, 1] if len(qv) > 1 else 0.0)
+            i = int(np.argmax(scores))
+            if best is None or scores[i] > best[0]:
+                best = (float(scores[i]), p, ranges[i], texts[i])
+        if best is None:
+            return None
+        score, p, (s, e), text = best
+        score -= self.unknown_penalty * len(self.unknown_words(current))
+        return Grounding(p.pid, text, s, e, score)
 
 
 # --------------------------------------------------------------------------- extractive reader

@@ -242,7 +242,8 @@ def evaluate(cfg: DialogEvalConfig) -> dict:
         data=cfg.data,
         retriever="none" if r is None else r.kind,
         grounder=cfg.grounding.grounder,
-        generator=cfg.gen.generator,
+        generator="none (extract)" if cfg.gen.reply_mode == "extract" else cfg.gen.generator,
+        reply_mode=cfg.gen.reply_mode,
         k=cfg.k,
     )
     if cfg.json:
@@ -339,10 +340,14 @@ def train_reader(cfg: TrainReaderConfig) -> dict:
 
 
 def serve(cfg: ServeConfig):
-    """A bound (not yet serving) chat server over the index; ``server.pipeline`` is its
-    :class:`~lmsmith.dialog.pipeline.Pipeline`."""
-    from lmsmith.dialog.serve import make_server
-
+    """A bound (not yet serving) FastAPI + uvicorn server over the index; ``server.pipeline``
+    is its :class:`~lmsmith.dialog.pipeline.Pipeline`."""
+    try:
+        from lmsmith.dialog.serve import make_server
+    except ImportError as e:
+        raise UserError(
+            f"serving needs the 'serve' extra: pip install 'lmsmith[serve]' ({e})"
+        ) from None
     server = make_server(None, cfg)  # bind first: a port in use is reported before models load
     try:
         pipe = build_pipeline(open_index(cfg.index), cfg.gen, cfg.grounding, cfg.k)
