@@ -300,3 +300,11 @@ def describe(cls) -> str:
         also = "".join(f" (also --{a})" for a in leaf.aliases)
         lines.append(f"  --{name}{also} {tname}{default}  {h}")
     return "\n".join(lines)
+
+
+def check_min(cfg, minimum, *names: str) -> None:
+    """Raise ValueError naming the first field of ``names`` whose value is below ``minimum``
+    (for a dataclass's ``__post_init__``)."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(cfg, name)}")

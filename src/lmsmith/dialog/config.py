@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmsmith.config import field, nested
+from lmsmith.config import check_min, field, nested
 
 RetrieverKind = Literal["bm25", "dense", "hybrid", "rerank"]
 
@@ -73,9 +73,7 @@ class DenseConfig:
     batch_size: int = field(32, help="texts encoded together")
 
     def __post_init__(self):
-        for name in ("max_length", "query_max_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, 1, "max_length", "query_max_length", "batch_size")
 
 
 @dataclass
@@ -110,9 +108,7 @@ class RerankConfig:
     rerank_batch_size: int = field(16, help="pairs scored together")
 
     def __post_init__(self):
-        for name in ("rerank_depth", "rerank_max_length", "rerank_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, 1, "rerank_depth", "rerank_max_length", "rerank_batch_size")
 
 
 @dataclass
@@ -205,9 +201,7 @@ class TrainRetrieverConfig:
     corpus: CorpusConfig = nested(CorpusConfig)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "max_length", "query_max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, 1, "epochs", "batch_size", "max_length", "query_max_length")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.head_lr is not None and self.head_lr <= 0:
@@ -242,14 +236,7 @@ class GenConfig:
     )
 
     def __post_init__(self):
-        for name in (
-            "max_new_tokens",
-            "max_prompt_tokens",
-            "gen_batch_size",
-            "passage_words",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, 1, "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "passage_words")
         if self.max_turns < 0:
             raise ValueError(f"max_turns must be >= 0, got {self.max_turns}")
 
@@ -289,9 +276,7 @@ class GroundConfig:
     def __post_init__(self):
         if self.grounder == "reader" and not self.reader:
             raise ValueError("reader must name a reader folder when grounder is 'reader'")
-        for name in ("reader_max_length", "max_answer_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, 1, "reader_max_length", "max_answer_tokens")
         for name in ("history_weight", "unknown_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -373,9 +358,7 @@ class TrainGeneratorConfig:
     gen: GenConfig = nested(GenConfig)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "lora_rank", "max_total_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, 1, "steps", "batch_size", "lora_rank", "max_total_tokens")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.limit is not None and self.limit < 1:
@@ -398,9 +381,7 @@ class TrainReaderConfig:
     corpus: CorpusConfig = nested(CorpusConfig)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, 1, "epochs", "batch_size", "max_length")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.limit is not None and self.limit < 1:
@@ -435,7 +416,9 @@ class ServeConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in (
+        check_min(
+            self,
+            1,
             "k",
             "max_body_bytes",
             "max_message_chars",
@@ -443,9 +426,7 @@ class ServeConfig:
             "max_queue",
             "max_connections",
             "timeout_keep_alive_s",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        )
         for name in ("queue_timeout_s", "timeout_request_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -198,8 +198,7 @@ def train_bi_encoder(cfg: TrainRetrieverConfig, data: RetrievalSet, model=None) 
             router_mapping=tasks,
         )
         loss = MultipleNegativesRankingLoss(model, scale=cfg.scale)
-        t0 = time.time()
-        steps, epoch_losses = _train(
+        summary = _fit_and_save(
             SentenceTransformerTrainer,
             args,
             model,
@@ -207,22 +206,34 @@ def train_bi_encoder(cfg: TrainRetrieverConfig, data: RetrievalSet, model=None) 
             Dataset.from_dict(cols),
             spe,
             sink,
+            tmp,
+            {
+                "model": "bi-encoder",
+                "init": cfg.init,
+                "n_queries": len(queries),
+                "n_passages": len(data.passages),
+                "queries_without_hard_negatives": sum(1 for n in negs if not n),
+            },
         )
-        for e, x in enumerate(epoch_losses):
-            log.info("epoch %d: mean loss %.4f", e, x)
-        model.eval()
-        model.save(str(tmp), create_model_card=False)
-        summary = {
-            "model": "bi-encoder",
-            "init": cfg.init,
-            "n_queries": len(queries),
-            "n_passages": len(data.passages),
-            "queries_without_hard_negatives": sum(1 for n in negs if not n),
-            "steps": steps,
-            "epoch_losses": epoch_losses,
-            "train_time_s": round(time.time() - t0, 1),
-        }
-        write_json(tmp / "summary.json", summary)
+    return summary
+
+
+def _fit_and_save(trainer_cls, args, model, loss, dataset, spe, sink, folder, summary) -> dict:
+    """Train (see :func:`_train`), log each epoch's mean loss, save the model and
+    ``summary.json`` (``summary`` plus steps, epoch losses and time) into ``folder``."""
+    t0 = time.time()
+    steps, epoch_losses = _train(trainer_cls, args, model, loss, dataset, spe, sink)
+    for e, x in enumerate(epoch_losses):
+        log.info("epoch %d: mean loss %.4f", e, x)
+    model.eval()
+    model.save(str(folder), create_model_card=False)
+    summary = {
+        **summary,
+        "steps": steps,
+        "epoch_losses": epoch_losses,
+        "train_time_s": round(time.time() - t0, 1),
+    }
+    write_json(folder / "summary.json", summary)
     return summary
 
 
@@ -266,8 +277,7 @@ def train_cross_encoder(cfg: TrainRetrieverConfig, data: RetrievalSet, model=Non
         sink = MetricsSink(tmp / "metrics.jsonl")
         write_json(tmp / "train_config.json", dataclasses.asdict(cfg))
         args = _args(CrossEncoderTrainingArguments, cfg, work, learning_rate_mapping=lr_map)
-        t0 = time.time()
-        steps, epoch_losses = _train(
+        summary = _fit_and_save(
             CrossEncoderTrainer,
             args,
             model,
@@ -275,20 +285,13 @@ def train_cross_encoder(cfg: TrainRetrieverConfig, data: RetrievalSet, model=Non
             Dataset.from_dict(cols),
             spe,
             sink,
+            tmp,
+            {
+                "model": "cross-encoder",
+                "init": cfg.init,
+                "n_queries": len(keep),
+                "n_passages": len(data.passages),
+                "group_size": 1 + n,
+            },
         )
-        for e, x in enumerate(epoch_losses):
-            log.info("epoch %d: mean loss %.4f", e, x)
-        model.eval()
-        model.save(str(tmp), create_model_card=False)
-        summary = {
-            "model": "cross-encoder",
-            "init": cfg.init,
-            "n_queries": len(keep),
-            "n_passages": len(data.passages),
-            "group_size": 1 + n,
-            "steps": steps,
-            "epoch_losses": epoch_losses,
-            "train_time_s": round(time.time() - t0, 1),
-        }
-        write_json(tmp / "summary.json", summary)
     return summary
