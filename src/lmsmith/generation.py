@@ -67,6 +67,11 @@ class HFDecoder:
         self.cache = out.past_key_values
         return out.logits
 
+    def select_rows(self, idx: torch.Tensor) -> None:
+        """Keep only batch rows ``idx`` (a 1-D index) of the cache, in that order."""
+        if self.cache is not None:
+            self.cache.batch_select_indices(idx.to(next(self.model.parameters()).device))
+
 
 def lean_supported(model: torch.nn.Module) -> bool:
     """Whether ``LeanDecoder`` reproduces the model's forward.
@@ -137,6 +142,13 @@ class LeanDecoder:
                 k[:, :, : self.length] = k_old[:, :, : self.length]
                 v[:, :, : self.length] = v_old[:, :, : self.length]
         self.cache, self.capacity = new, capacity
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        """Keep only batch rows ``idx`` (a 1-D index) of the cache, in that order: a rollout
+        drops its finished rows so that later steps compute only the live ones."""
+        idx = idx.to(self.device)
+        self.cache = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.cache]
+        self.batch = len(idx)
 
     def _attend(self, qs, ks, vs, bias):
         """Grouped-query attention in fp32, written out: at decode sizes (a few query slots, a
