@@ -211,3 +211,22 @@ def test_lean_engine_without_the_lean_decoder_writes_what_hf_writes(tiny, monkey
     assert lean == hf
     with pytest.raises(ValueError, match="engine"):
         generate(model, tok, prompts, max_new_tokens=4, engine="vllm")
+
+
+def test_select_rows_keeps_those_rows_caches():
+    """Dropping rows from the cache mid-decode: the kept rows continue as in the full batch."""
+    model = tiny_causal_lm(layers=2, seed=7, kv_heads=2)
+    ids, mask = left_pad(PROMPTS, 0)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    nxt = torch.tensor([[3], [4], [5], [6]])
+    attn = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
+    n = mask.sum(-1, keepdim=True)
+    keep = torch.tensor([3, 1])
+    for dec in (HFDecoder(model), LeanDecoder(model, 4, 16)):
+        ref = HFDecoder(model)
+        ref(ids, mask, pos, keep=1)
+        full = ref(nxt, attn, n)[keep]
+        dec(ids, mask, pos, keep=1)
+        dec.select_rows(keep)
+        got = dec(nxt[keep], attn[keep], n[keep])
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
