@@ -147,8 +147,8 @@ def test_block_planner_follows_interventions_and_costs():
     q = BlockPlanner(1, max_block=8, student_cost=0.5, teacher_cost=1.0, extra_slot=1.0)
     q.observe(10, 3)
     assert q.next() == ("student", 1)
-    q.observe(10, 10)
-    assert q.next() == ("student", 1)
+    q.observe(10, 10)  # ... and the model that writes most tokens drafts
+    assert q.next() == ("teacher", 1)
 
 
 class _ScriptedPlanner:

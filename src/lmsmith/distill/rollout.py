@@ -374,7 +374,8 @@ class BlockPlanner:
     one possibly the other model's). A block costs k one-slot steps of the drafter plus one
     k-slot forward of the other model. The planner keeps a running estimate of r from the
     decisions of the recent blocks and picks the (role, k) with the best E(k) / cost; at k = 1
-    the roles cost the same and it keeps the current one.
+    the roles cost the same and the model that writes most tokens drafts (it draws a token for
+    every row, the other one only where it writes).
 
     Costs are counted, not timed: a decode step costs what the model's weights weigh (it reads
     each once: embedding lookups aside, layers plus LM head), and each extra slot of a k-slot
@@ -422,8 +423,10 @@ class BlockPlanner:
     def next(self) -> tuple[Role, int]:
         if self.intervention_rate is None:
             return self.role, self.k
-        # the current role first: the tie at k = 1 keeps it
-        order = [self.role] + [r for r in self.roles if r != self.role]
+        # at k = 1 the roles cost the same: the tie goes to the model that writes most tokens,
+        # which then draws for every row while the other draws only where it writes
+        first = "teacher" if self.intervention_rate > 0.5 else "student"
+        order = sorted(self.roles, key=lambda r: r != first)
         self.role, self.k = max(
             ((role, k) for role in order for k in range(1, self.max_block + 1)),
             key=lambda rk: self.kept(*rk) / self.cost(*rk),
