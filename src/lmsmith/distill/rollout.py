@@ -156,7 +156,7 @@ def naive_switch_rollout(
         lt = t_dec(feed, attn, n_valid.unsqueeze(1))
         ls, lt = ls[:, -1], lt[:, -1]
         n_valid = n_valid + (~done).long()
-    out.stats = {"student_forwards": max_new, "teacher_forwards": max_new}
+    out.stats = {"student_forwards": t + 1, "teacher_forwards": t + 1, "row_slots": B * (t + 1)}
     return out
 
 
@@ -250,7 +250,7 @@ def switch_rollout(
         block_size, max_block, decode_cost(student), decode_cost(teacher), role=drafter
     )
     role, k = drafter, block_size
-    n_s = n_t = 0
+    n_s = n_t = slots = 0
     blocks = {"student": 0, "teacher": 0}
     while len(rows):
         A = len(rows)
@@ -272,6 +272,7 @@ def switch_rollout(
         v_logits = v_dec(block_ids, attn, pos_ids)  # (A, k, V)
         n_s += k if role == "student" else 1
         n_t += 1 if role == "student" else k
+        slots += A * k  # row-slots each model computed in this block
         blocks[role] += 1
         # --- decide position by position: a row keeps the drafter's tokens while the drafter
         # is the one that writes there, and stops at the first position the other one writes
@@ -325,6 +326,7 @@ def switch_rollout(
         "teacher_forwards": n_t,
         "blocks": blocks["student"] + blocks["teacher"],
         "teacher_drafted_blocks": blocks["teacher"],
+        "row_slots": slots,
     }
     return out
 
