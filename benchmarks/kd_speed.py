@@ -100,7 +100,7 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
     eos, pad = tok.eos_token_id, tok.pad_token_id
     rule = lambda: SwitchRule(args.tau0, args.decay)  # noqa: E731
     res = {"naive": [0.0, 0], "switch": [0.0, 0], "plain": [0.0, 0]}
-    shares, blocks, agree, total = [], [], 0, 0
+    shares, blocks, agree, total, naive_slots = [], [], 0, 0, 0
     for start in range(0, len(prompts), args.batch):
         ids, mask = left_pad(prompts[start : start + args.batch], pad)
         ids, mask = ids.to(dev), mask.to(dev)
@@ -156,6 +156,7 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
             )
         shares.append(b.teacher_share())
         blocks.append(b.stats)
+        naive_slots += a.stats["row_slots"]
     tps = {k: v[1] / v[0] for k, v in res.items()}
     return {
         "rollout_tokens_per_s": tps,
@@ -166,6 +167,12 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
         "rows_equal": f"{agree}/{total}",
         "teacher_token_share": statistics.fmean(shares),
         "switch_forward_counts": blocks,
+        # rows × slots each model computed after the prompt: the naive loop steps every row to
+        # the batch's last position, draft and verify drops finished rows (and wastes rejected
+        # drafts)
+        "row_slots": {"naive": naive_slots, "switch": sum(b["row_slots"] for b in blocks)},
+        "teacher_drafted_blocks": f"{sum(b['teacher_drafted_blocks'] for b in blocks)}"
+        f"/{sum(b['blocks'] for b in blocks)}",
     }
 
 
@@ -401,7 +408,9 @@ def main(argv=None) -> int:
         print(
             f"\n{p}: SWITCH / naive speed-up {r['switch_vs_naive_speedup']:.2f}x; same tokens: "
             f"{r['switch_equals_naive']} (rows {r['rows_equal']}); SWITCH / plain on-policy "
-            f"{r['switch_vs_plain_ratio']:.2f}x; teacher-token share {100 * r['teacher_token_share']:.1f}%"
+            f"{r['switch_vs_plain_ratio']:.2f}x; teacher-token share {100 * r['teacher_token_share']:.1f}%; "
+            f"teacher-drafted blocks {r['teacher_drafted_blocks']}; row-slots per model "
+            f"{r['row_slots']['switch']} (naive {r['row_slots']['naive']})"
         )
     if "steps" in result:
         print(f"\n| training step ({args.precision}) | median s | peak memory MB |\n|---|---|---|")
