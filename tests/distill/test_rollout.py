@@ -8,7 +8,7 @@ from lmsmith.distill.rollout import (
     naive_switch_rollout,
     switch_rollout,
 )
-from lmsmith.generation import Noise, left_pad, sample_rollout
+from lmsmith.generation import LeanDecoder, Noise, left_pad, sample_rollout
 from lmsmith.models import tiny_causal_lm
 
 EOS, PAD = 2, 0
@@ -277,6 +277,63 @@ def test_rows_leave_the_batch_through_the_hf_decoder_too():
     slow = naive_switch_rollout(student, teacher, ids, mask, rule(), 24, noise, EOS, PAD)
     _same(fast, slow)
     assert (fast.mask.sum(1) < 24).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("width", [1, 3, 5])
+@pytest.mark.parametrize(
+    "make_rule",
+    [
+        lambda B: SwitchRule(0.006, 0.05),
+        lambda B: SwitchRule(0.0032, 0.05),
+        lambda B: AdaSwitchRule(B, window=3, factor=1.2),
+    ],
+)
+def test_continuous_batching_equals_naive(seed, width, make_rule, monkeypatch):
+    """At most ``width`` rows decode at once and a waiting prompt takes each finished row's place
+    (its prompt written into the row's cache, the cache grown when the prompt is longer than
+    the row's slots so far): every row writes what the naive loop writes for it, in any order,
+    under random drafters and block sizes."""
+    student, teacher, ids, mask, noise = _ragged_case(seed)
+    # a long prompt first in the queue (the cache grows for it), a one-token prompt last
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    prompts = prompts[:width] + [[3 + (7 * i) % 97 for i in range(120)]] + prompts[width:] + [[9]]
+    ids, mask = left_pad(prompts, PAD)
+    noise = Noise.draw(len(prompts), seed=200 + seed)
+    grown = []
+    grow = LeanDecoder.grow
+    monkeypatch.setattr(LeanDecoder, "grow", lambda self, n: grown.append(n) or grow(self, n))
+    fast = switch_rollout(
+        student,
+        teacher,
+        ids,
+        mask,
+        make_rule(len(ids)),
+        24,
+        noise,
+        EOS,
+        PAD,
+        adaptive=True,
+        planner=_ScriptedPlanner(seed),
+        batch=width,
+    )
+    slow = naive_switch_rollout(
+        student,
+        teacher,
+        ids,
+        mask,
+        make_rule(len(ids)),
+        24,
+        noise,
+        EOS,
+        PAD,
+        keep_teacher_logits=True,
+    )
+    _same(fast, slow)
+    torch.testing.assert_close(
+        fast.teacher_logits[fast.mask], slow.teacher_logits[slow.mask], rtol=1e-4, atol=1e-4
+    )
+    assert grown  # the long prompt did not fit the slots of the row it took
 
 
 @pytest.mark.parametrize("drafter", ["student", "teacher"])

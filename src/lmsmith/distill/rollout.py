@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from lmsmith.distill.losses import token_jsd
-from lmsmith.generation import HFDecoder, Noise, Rollout, decoder, draw
+from lmsmith.generation import HFDecoder, Noise, Rollout, decoder, draw, lean_supported
 
 Schedule = Literal["constant", "linear", "exponential"]
 Role = Literal["student", "teacher"]
@@ -217,6 +217,7 @@ def switch_rollout(
     teacher_weights=None,
     planner: BlockPlanner | None = None,
     drafter: Role = "student",
+    batch: int | None = None,
 ) -> Rollout:
     """Draft-and-verify rollout for any intervention rule (SWITCH, SKD, AdaSwitch).
 
@@ -224,26 +225,33 @@ def switch_rollout(
     fp32; in bf16 a k-slot forward rounds differently from k one-slot ones). ``drafter`` is the
     model that drafts (the other scores the draft in one forward); with ``adaptive`` a
     BlockPlanner (or the given ``planner``) picks each block's drafter and size from the
-    interventions seen so far. Rows leave the batch (and both caches) when they finish.
-    ``lean`` decodes through generation.LeanDecoder where the models allow it, in ``dtype``
-    (default: the models'), with the frozen teacher's ``teacher_weights`` prepared once by the
-    caller.
+    interventions seen so far. Rows leave the batch (and both caches) when they finish; with
+    ``batch`` below the number of prompts, at most ``batch`` rows decode at once and a waiting
+    prompt takes the place of each finished row (continuous batching; lean decoders only, else
+    every prompt decodes at once). ``lean`` decodes through generation.LeanDecoder where the
+    models allow it, in ``dtype`` (default: the models'), with the frozen teacher's
+    ``teacher_weights`` prepared once by the caller.
     """
     if drafter not in ("student", "teacher"):
         raise ValueError(f"drafter must be 'student' or 'teacher', got {drafter!r}")
     B, P = prompt_ids.shape
-    fed = prompt_mask[:, :-1].clone()  # (A, L) validity of the slots fed so far, A live rows
-    s_dec = decoder(student, B, P + 2 * max_new, lean, dtype)
-    t_dec = decoder(teacher, B, P + 2 * max_new, lean, dtype, teacher_weights)
-    if P > 1:
+    lengths = prompt_mask.sum(-1)
+    refill = lean and lean_supported(student) and lean_supported(teacher)
+    width = max(1, min(batch, B)) if refill and batch else B
+    w0 = int(lengths[:width].max())  # the first rows' prompts, without columns of padding only
+    fed = prompt_mask[:width, P - w0 : -1].clone()  # (A, L) validity of the slots fed so far
+    s_dec = decoder(student, width, w0 + 2 * max_new, lean, dtype)
+    t_dec = decoder(teacher, width, w0 + 2 * max_new, lean, dtype, teacher_weights)
+    if w0 > 1:
         pos_ids = (fed.cumsum(-1) - 1).clamp_min(0)
-        s_dec(prompt_ids[:, :-1], fed, pos_ids, keep=1)
-        t_dec(prompt_ids[:, :-1], fed, pos_ids, keep=1)
-    rows = torch.arange(B)  # (A,) batch row of each live row
-    live_noise = noise
-    pending = prompt_ids[:, -1].clone()  # (A,) accepted, not yet fed
+        s_dec(prompt_ids[:width, P - w0 : -1], fed, pos_ids, keep=1)
+        t_dec(prompt_ids[:width, P - w0 : -1], fed, pos_ids, keep=1)
+    rows = torch.arange(width)  # (A,) prompt (row of the rollout) of each decoded row
+    waiting = list(range(width, B))  # prompts not started yet
+    live_noise = noise.select(rows.tolist())
+    pending = prompt_ids[:width, -1].clone()  # (A,) accepted, not yet fed
     n_valid = fed.sum(-1)  # (A,) position id of the pending token
-    pos = torch.zeros(B, dtype=torch.long)  # (A,) response tokens kept per row
+    pos = torch.zeros(width, dtype=torch.long)  # (A,) response tokens kept per row
     vocab = student.get_output_embeddings().weight.shape[0]
     out = _empty(prompt_ids, prompt_mask, B, max_new, pad_id, vocab if keep_teacher_logits else 0)
     planner = planner or BlockPlanner(
@@ -311,13 +319,31 @@ def switch_rollout(
         fed = torch.cat([fed, (torch.arange(k).unsqueeze(0) < kept.unsqueeze(1)).to(fed.dtype)], 1)
         n_valid = n_valid + kept
         pos = pos + kept
+        if finished.any() and waiting:  # waiting prompts take the finished rows' places
+            free = torch.nonzero(finished).flatten()[: len(waiting)]
+            new, waiting = waiting[: len(free)], waiting[len(free) :]
+            q = lengths[new] - 1  # prompt tokens to prefill (the last one is pending)
+            extra = max(0, int(q.max()) - fed.shape[1])
+            if extra:  # room at the end of every row, masked out for the others
+                s_dec.grow(extra)
+                t_dec.grow(extra)
+                fed = torch.cat([fed, torch.zeros(len(rows), extra, dtype=fed.dtype)], 1)
+            L = fed.shape[1]
+            for r, j, n in zip(free.tolist(), new, q.tolist()):
+                ids = prompt_ids[j, P - n - 1 :]
+                s_dec.fill_row(r, ids[:-1], torch.arange(n))
+                t_dec.fill_row(r, ids[:-1], torch.arange(n))
+                fed[r] = 0
+                fed[r, L - n :] = 1
+                rows[r], pending[r], n_valid[r], pos[r] = j, ids[-1], n, 0
+            finished[free] = False
         if finished.any():  # finished rows leave the batch and both caches
             idx = torch.nonzero(~finished).flatten()
             rows, fed, pending, n_valid, pos = (x[idx] for x in (rows, fed, pending, n_valid, pos))
             if len(rows):
                 s_dec.select_rows(idx)
                 t_dec.select_rows(idx)
-                live_noise = noise.select(rows.tolist())
+        live_noise = noise.select(rows.tolist())
         if adaptive:
             planner.observe(decisions, interventions)
             role, k = planner.next()
@@ -332,9 +358,10 @@ def switch_rollout(
 
 
 def _decide(rule, rows, B, live, pos, div, draft, t_logits) -> torch.Tensor:
-    """The rule's decision for the live rows of the batch rows ``rows`` (A of the rollout's B):
-    rules see the whole batch, as in the naive loop (AdaSwitch keeps a history per row)."""
-    if len(rows) < B:  # scatter into the full batch; the rows that left are not live
+    """The rule's decision for the live ones of the decoded rows, which hold the rollout's rows
+    ``rows`` (A of B): rules see the whole batch, as in the naive loop (AdaSwitch keeps a history
+    per row); the rows not decoded now are not live."""
+    if len(rows) < B or not bool((rows == torch.arange(B)).all()):  # scatter into the batch
         full_live = torch.zeros(B, dtype=torch.bool)
         full_live[rows[live]] = True
         pos, div, t_logits = (_scatter(x, rows, B) for x in (pos, div, t_logits))
