@@ -7,12 +7,18 @@ token-by-token reference loop, the draft-and-verify ``switch_rollout`` and its b
 Every draw is keyed by (seed, stream, row, position), so the two loops agree token for token.
 
 Draft and verify (``switch_rollout``). Both caches hold the same slots. A block starts with each
-row's *pending* token (accepted, not yet fed). The student feeds ``[pending, d0 .. d(k-2)]`` one
-token at a time and samples a draft ``d0 .. d(k-1)``; the teacher scores the same k inputs in one
-forward. Positions are then decided in order: the draft is kept up to the first intervention,
-where the teacher's token is taken. Slots of rejected drafts are masked out of both caches; the
-last accepted token becomes the new pending one. The teacher's logits at every kept position are
-returned for the loss: no second teacher pass.
+row's *pending* token (accepted, not yet fed). One model, the drafter, feeds
+``[pending, x0 .. x(k-2)]`` one token at a time and samples ``x0 .. x(k-1)`` from its own noise
+stream; the other scores the same k inputs in one forward. Positions are then decided in order:
+the drafter's tokens are kept while the rule says the drafter is the one that writes (the
+student: no intervention; the teacher: an intervention), and at the first position where the
+other model writes, its own draw is taken (its distribution there is already computed). Slots
+of rejected drafts are masked out of both caches; the last kept token becomes the new pending
+one. SWITCH needs both distributions at every position either way, so the two roles give the
+same tokens; a planner picks the role and k from the recent intervention rate. The teacher's
+logits at every kept position are returned for the loss: no second teacher pass. Finished rows
+leave both caches, and with ``batch`` a waiting prompt takes a finished row's place (continuous
+batching).
 """
 
 from __future__ import annotations
