@@ -3,9 +3,12 @@
     python benchmarks/kd_speed.py --json benchmarks/results/kd_speed.json
     python benchmarks/kd_speed.py --prompts 4 --max-new 8 --steps 2 --skip-trl   # smoke
 
-1. Rollout (16 Dolly prompts, batch 8, 128 new tokens): lmsmith's draft-and-verify SWITCH, the
+1. Rollout (16 Dolly prompts, batch 8, 128 new tokens): lmsmith's draft-and-verify SWITCH (batch
+   by batch, and with continuous batching: every prompt at once, at most 8 rows decoding), the
    naive token-by-token SWITCH loop (both models stepped through the plain HF forward with its
-   default cache), and plain student sampling followed by one teacher scoring pass.
+   default cache, batch by batch), and plain student sampling followed by one teacher scoring
+   pass. Row i draws the same random numbers in each, so the SWITCH rollouts must write the
+   same tokens.
 2. A full training step (rollout + teacher logits + loss + backward + optimiser): lmsmith SWITCH,
    lmsmith GKD (λ = 1, β = 0.5) and TRL's GKDTrainer with the same models, prompts, batch,
    lengths and precision; median over steps after a warm-up, and peak memory. Each trainer runs in
@@ -74,9 +77,11 @@ def _sync():
 
 
 def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
-    """The three rollouts on the same prompts and random numbers, in one precision: fp32 as
-    loaded, or bf16 (the naive loop on bf16 copies of the models through the HF forward; lmsmith's
-    lean decoder on bf16 weight copies)."""
+    """The rollouts on the same prompts and random numbers, in one precision: fp32 as loaded, or
+    bf16 (the naive loop on bf16 copies of the models through the HF forward; lmsmith's lean
+    decoder on bf16 weight copies). The naive loop, lmsmith's SWITCH batch by batch and plain
+    sampling run batch by batch; lmsmith's SWITCH with continuous batching gets every prompt at
+    once and decodes at most ``--batch`` rows at a time. Row i draws the same noise in each."""
     import copy
 
     import torch
@@ -99,37 +104,56 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
     _, prompts = _prompts(tok, args.prompts)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     rule = lambda: SwitchRule(args.tau0, args.decay)  # noqa: E731
-    res = {"naive": [0.0, 0], "switch": [0.0, 0], "plain": [0.0, 0]}
-    shares, blocks, agree, total = [], [], 0, 0
-    for start in range(0, len(prompts), args.batch):
-        ids, mask = left_pad(prompts[start : start + args.batch], pad)
-        ids, mask = ids.to(dev), mask.to(dev)
-        noise = Noise.draw(ids.shape[0], seed=start)
-        _sync()
-        t0 = time.perf_counter()
-        a = naive_switch_rollout(
-            hf_s, hf_t, ids, mask, rule(), args.max_new, noise, eos, pad, keep_teacher_logits=True
-        )
-        _sync()
-        t1 = time.perf_counter()
-        b = switch_rollout(
+    noise = Noise.draw(len(prompts), seed=0)
+
+    def lmsmith_switch(ids, mask, rows, batch=None):
+        return switch_rollout(
             student,
             teacher,
             ids,
             mask,
             rule(),
             args.max_new,
-            noise,
+            noise.select(rows),
             eos,
             pad,
             block_size=args.block,
             adaptive=True,
             dtype=dtype,
             teacher_weights=t_weights,
+            batch=batch,
+        )
+
+    names = ["naive", "switch_per_batch", "switch", "plain"]
+    res = {k: [0.0, 0] for k in names}
+    stats = {k: [] for k in names}
+    naive_rows = []
+    for start in range(0, len(prompts), args.batch):
+        rows = list(range(start, min(start + args.batch, len(prompts))))
+        ids, mask = left_pad([prompts[i] for i in rows], pad)
+        ids, mask = ids.to(dev), mask.to(dev)
+        _sync()
+        t0 = time.perf_counter()
+        a = naive_switch_rollout(
+            hf_s,
+            hf_t,
+            ids,
+            mask,
+            rule(),
+            args.max_new,
+            noise.select(rows),
+            eos,
+            pad,
+            keep_teacher_logits=True,
         )
         _sync()
+        t1 = time.perf_counter()
+        b = lmsmith_switch(ids, mask, rows)
+        _sync()
         t2 = time.perf_counter()
-        c = sample_rollout(student, ids, mask, args.max_new, noise, eos, pad, dtype=dtype)
+        c = sample_rollout(
+            student, ids, mask, args.max_new, noise.select(rows), eos, pad, dtype=dtype
+        )
         full, attn, _ = c.sequences()
         with torch.no_grad():
             hf_t(
@@ -142,30 +166,54 @@ def rollout_bench(args, teacher, student, tok, precision: str) -> dict:
         t3 = time.perf_counter()
         for k, (t, r) in {
             "naive": (t1 - t0, a),
-            "switch": (t2 - t1, b),
+            "switch_per_batch": (t2 - t1, b),
             "plain": (t3 - t2, c),
         }.items():
             res[k][0] += t
             res[k][1] += int(r.mask.sum())
-        # rows that agree token for token (when they do not, the first flip changes the rest)
-        for r in range(ids.shape[0]):
-            total += 1
-            agree += bool(
-                torch.equal(a.mask[r], b.mask[r])
-                and torch.equal(a.tokens[r][a.mask[r]], b.tokens[r][b.mask[r]])
-            )
-        shares.append(b.teacher_share())
-        blocks.append(b.stats)
+            stats[k].append(r.stats)
+        naive_rows += [(a.mask[r], a.tokens[r]) for r in range(ids.shape[0])]
+        per_batch_rows = [(b.mask[r], b.tokens[r]) for r in range(ids.shape[0])]
+        stats["switch_per_batch"][-1]["rows"] = per_batch_rows
+    # every prompt at once, at most --batch rows decoding, waiting prompts taking finished rows
+    ids, mask = left_pad(prompts, pad)
+    _sync()
+    t0 = time.perf_counter()
+    d = lmsmith_switch(ids.to(dev), mask.to(dev), list(range(len(prompts))), batch=args.batch)
+    _sync()
+    res["switch"] = [time.perf_counter() - t0, int(d.mask.sum())]
+    stats["switch"].append(d.stats)
+
+    def equal_rows(rows):  # rows that agree token for token with the naive loop
+        return sum(
+            bool(torch.equal(m, m2) and torch.equal(t[m], t2[m2]))
+            for (m, t), (m2, t2) in zip(naive_rows, rows)
+        )
+
+    per_batch = [r for st in stats["switch_per_batch"] for r in st.pop("rows")]
+    eq = {
+        "switch": equal_rows([(d.mask[r], d.tokens[r]) for r in range(len(prompts))]),
+        "switch_per_batch": equal_rows(per_batch),
+    }
     tps = {k: v[1] / v[0] for k, v in res.items()}
+    n = len(prompts)
     return {
         "rollout_tokens_per_s": tps,
         "rollout_seconds": {k: v[0] for k, v in res.items()},
+        "rollout_tokens": {k: v[1] for k, v in res.items()},
         "switch_vs_naive_speedup": tps["switch"] / tps["naive"],
+        "switch_per_batch_vs_naive_speedup": tps["switch_per_batch"] / tps["naive"],
         "switch_vs_plain_ratio": tps["switch"] / tps["plain"],
-        "switch_equals_naive": agree == total,
-        "rows_equal": f"{agree}/{total}",
-        "teacher_token_share": statistics.fmean(shares),
-        "switch_forward_counts": blocks,
+        "switch_equals_naive": eq["switch"] == n and eq["switch_per_batch"] == n,
+        "rows_equal": f"{eq['switch']}/{n}",
+        "rows_equal_per_batch": f"{eq['switch_per_batch']}/{n}",
+        "teacher_token_share": d.teacher_share(),
+        "forward_counts": stats,
+        # rows × slots each model computed after the prompts: the naive loop steps every row of
+        # a batch to the batch's last position; lmsmith drops finished rows or refills them
+        # (and computes rejected drafts)
+        "row_slots": {k: sum(st["row_slots"] for st in stats[k]) for k in names[:3]},
+        "teacher_drafted_blocks": f"{d.stats['teacher_drafted_blocks']}/{d.stats['blocks']}",
     }
 
 
@@ -391,7 +439,8 @@ def main(argv=None) -> int:
     for p, r in per.items():
         for k, name in [
             ("naive", "naive token-by-token SWITCH (HF forward, default cache)"),
-            ("switch", "lmsmith SWITCH (draft and verify, lean decoder)"),
+            ("switch_per_batch", "lmsmith SWITCH, batch by batch (draft and verify, lean decoder)"),
+            ("switch", "lmsmith SWITCH, continuous batching"),
             ("plain", "student sampling + one teacher pass"),
         ]:
             print(
@@ -399,9 +448,12 @@ def main(argv=None) -> int:
             )
     for p, r in per.items():
         print(
-            f"\n{p}: SWITCH / naive speed-up {r['switch_vs_naive_speedup']:.2f}x; same tokens: "
-            f"{r['switch_equals_naive']} (rows {r['rows_equal']}); SWITCH / plain on-policy "
-            f"{r['switch_vs_plain_ratio']:.2f}x; teacher-token share {100 * r['teacher_token_share']:.1f}%"
+            f"\n{p}: SWITCH / naive speed-up {r['switch_vs_naive_speedup']:.2f}x (batch by batch "
+            f"{r['switch_per_batch_vs_naive_speedup']:.2f}x); same tokens: {r['switch_equals_naive']} "
+            f"(rows {r['rows_equal']}; batch by batch {r['rows_equal_per_batch']}); SWITCH / plain "
+            f"on-policy {r['switch_vs_plain_ratio']:.2f}x; teacher-token share "
+            f"{100 * r['teacher_token_share']:.1f}%; teacher-drafted blocks "
+            f"{r['teacher_drafted_blocks']}; row-slots per model {r['row_slots']}"
         )
     if "steps" in result:
         print(f"\n| training step ({args.precision}) | median s | peak memory MB |\n|---|---|---|")

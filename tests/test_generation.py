@@ -211,3 +211,52 @@ def test_lean_engine_without_the_lean_decoder_writes_what_hf_writes(tiny, monkey
     assert lean == hf
     with pytest.raises(ValueError, match="engine"):
         generate(model, tok, prompts, max_new_tokens=4, engine="vllm")
+
+
+def test_select_rows_keeps_those_rows_caches():
+    """Dropping rows from the cache mid-decode: the kept rows continue as in the full batch."""
+    model = tiny_causal_lm(layers=2, seed=7, kv_heads=2)
+    ids, mask = left_pad(PROMPTS, 0)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    nxt = torch.tensor([[3], [4], [5], [6]])
+    attn = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
+    n = mask.sum(-1, keepdim=True)
+    keep = torch.tensor([3, 1])
+    for dec in (HFDecoder(model), LeanDecoder(model, 4, 16)):
+        ref = HFDecoder(model)
+        ref(ids, mask, pos, keep=1)
+        full = ref(nxt, attn, n)[keep]
+        dec(ids, mask, pos, keep=1)
+        dec.select_rows(keep)
+        got = dec(nxt[keep], attn[keep], n[keep])
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+def test_fill_row_writes_a_new_prompt_into_a_finished_row():
+    """Continuous batching: after grow + fill_row, the row decodes its new prompt as a fresh
+    decoder would (the row's older slots masked out)."""
+    model = tiny_causal_lm(layers=2, seed=8, kv_heads=2)
+    ids, mask = left_pad(PROMPTS, 0)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    dec = LeanDecoder(model, 4, 8)
+    dec(ids, mask, pos, keep=1)
+    new = torch.tensor([40, 41, 42, 43, 44, 45, 46, 47, 48])  # longer than the 7 slots so far
+    dec.grow(len(new) - 1 - dec.length)
+    dec.fill_row(2, new[:-1], torch.arange(len(new) - 1))
+    attn = torch.cat([mask, torch.zeros(4, dec.length - mask.shape[1], dtype=mask.dtype)], 1)
+    attn[2] = 0
+    attn[2, -(len(new) - 1) :] = 1
+    attn = torch.cat([attn, torch.ones(4, 1, dtype=attn.dtype)], 1)
+    n = attn[:, :-1].sum(-1, keepdim=True)
+    feed = torch.tensor([[3], [4], [48], [6]])
+    got = dec(feed, attn, n)
+    ref = HFDecoder(model)
+    torch.testing.assert_close(
+        got[2:3], ref(new[None], torch.ones(1, 9), torch.arange(9)[None], keep=1)
+    )
+    fresh = HFDecoder(model)
+    fresh(ids, mask, pos, keep=1)
+    keep = torch.tensor([0, 1, 3])
+    att0 = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
+    want = fresh(feed, att0, mask.sum(-1, keepdim=True))[keep]
+    torch.testing.assert_close(got[keep], want, rtol=1e-5, atol=1e-5)

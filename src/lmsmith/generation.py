@@ -67,6 +67,11 @@ class HFDecoder:
         self.cache = out.past_key_values
         return out.logits
 
+    def select_rows(self, idx: torch.Tensor) -> None:
+        """Keep only batch rows ``idx`` (a 1-D index) of the cache, in that order."""
+        if self.cache is not None:
+            self.cache.batch_select_indices(idx.to(next(self.model.parameters()).device))
+
 
 def lean_supported(model: torch.nn.Module) -> bool:
     """Whether ``LeanDecoder`` reproduces the model's forward.
@@ -137,6 +142,40 @@ class LeanDecoder:
                 k[:, :, : self.length] = k_old[:, :, : self.length]
                 v[:, :, : self.length] = v_old[:, :, : self.length]
         self.cache, self.capacity = new, capacity
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        """Keep only batch rows ``idx`` (a 1-D index) of the cache, in that order: a rollout
+        drops its finished rows so that later steps compute only the live ones."""
+        idx = idx.to(self.device)
+        self.cache = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.cache]
+        self.batch = len(idx)
+
+    def grow(self, n: int) -> None:
+        """Add ``n`` slots to every row, to be masked out by the caller's ``attn`` (their
+        contents are stale): room at the end for a prompt that ``fill_row`` writes."""
+        if self.length + n > self.capacity:
+            self._alloc(max(2 * self.capacity, self.length + n))
+        self.length += n
+
+    @torch.no_grad()
+    def fill_row(self, row: int, ids: torch.Tensor, pos_ids: torch.Tensor) -> None:
+        """Write a new prompt ``ids`` (q,) at positions ``pos_ids`` (q,) into the last q slots of
+        batch row ``row``, attending to itself only: continuous batching puts a waiting prompt
+        in the row of a finished one (the caller masks the row's older slots out)."""
+        q, L = len(ids), self.length
+        if q > L:
+            raise ValueError(f"a {q}-token prompt does not fit the last {L} slots; grow first")
+        if q == 0:
+            return
+        causal = torch.ones(q, q, dtype=torch.bool, device=ids.device).tril()
+        self._run(
+            ids.unsqueeze(0),
+            pos_ids.unsqueeze(0),
+            causal.unsqueeze(0),
+            slice(row, row + 1),
+            L - q,
+            L - q,
+        )
 
     def _attend(self, qs, ks, vs, bias):
         """Grouped-query attention in fp32, written out: at decode sizes (a few query slots, a

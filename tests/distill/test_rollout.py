@@ -8,7 +8,7 @@ from lmsmith.distill.rollout import (
     naive_switch_rollout,
     switch_rollout,
 )
-from lmsmith.generation import Noise, left_pad, sample_rollout
+from lmsmith.generation import LeanDecoder, Noise, left_pad, sample_rollout
 from lmsmith.models import tiny_causal_lm
 
 EOS, PAD = 2, 0
@@ -128,33 +128,41 @@ def test_sample_rollout_equals_switch_with_infinite_threshold():
     assert torch.equal(a.mask, b.mask) and torch.equal(a.tokens[a.mask], b.tokens[b.mask])
 
 
-def test_block_planner_follows_acceptance_and_costs():
+def test_block_planner_follows_interventions_and_costs():
     from lmsmith.distill.rollout import BlockPlanner
 
     p = BlockPlanner(4, max_block=8, student_cost=0.5, teacher_cost=1.0, smoothing=1.0)
-    p.observe(decisions=32, accepted=32)
-    assert p.next() == 8  # every draft kept: a longer block is cheaper per token
-    p.observe(decisions=8, accepted=0)
-    assert p.next() == 1  # every first draft rejected: drafting more only wastes student steps
-    p.observe(decisions=10, accepted=9)
-    assert 2 < p.next() < 8  # in between
-    # a teacher forward that costs k times a one-slot one: drafting never pays
+    p.observe(decisions=32, interventions=0)
+    assert p.next() == ("student", 8)  # every draft kept: a longer block is cheaper per token
+    p.observe(decisions=8, interventions=4)
+    assert p.next() == ("student", 1)  # half the drafts rejected: drafting only wastes steps
+    p.observe(decisions=10, interventions=1)
+    role, k = p.next()
+    assert role == "student" and 2 < k < 8  # in between
+    # the teacher writes nearly everything: it drafts, and the student scores its drafts
+    p.observe(decisions=100, interventions=99)
+    role, k = p.next()
+    assert role == "teacher" and k > 1
+    # a k-slot forward that costs k one-slot ones: drafting never pays, the role stays
     q = BlockPlanner(1, max_block=8, student_cost=0.5, teacher_cost=1.0, extra_slot=1.0)
-    q.observe(10, 7)
-    assert q.next() == 1
+    q.observe(10, 3)
+    assert q.next() == ("student", 1)
+    q.observe(10, 10)  # ... and the model that writes most tokens drafts
+    assert q.next() == ("teacher", 1)
 
 
 class _ScriptedPlanner:
-    """Block sizes from a fixed random sequence: the equality must hold for any of them."""
+    """Roles and block sizes from a fixed random sequence: the equality must hold for any."""
 
     def __init__(self, seed):
         self.g = torch.Generator().manual_seed(seed)
 
-    def observe(self, decisions, accepted):
+    def observe(self, decisions, interventions):
         pass
 
     def next(self):
-        return int(torch.randint(1, 7, (1,), generator=self.g))
+        role = ("student", "teacher")[int(torch.randint(2, (1,), generator=self.g))]
+        return role, int(torch.randint(1, 7, (1,), generator=self.g))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -181,3 +189,164 @@ def test_switch_equals_naive_for_any_block_sequence(seed):
     slow = naive_switch_rollout(student, teacher, ids, mask, rule(), 20, noise, EOS, PAD)
     _same(fast, slow)
     assert 0 < fast.teacher_share() < 1
+    assert 0 < fast.stats["teacher_drafted_blocks"] < fast.stats["blocks"]
+
+
+def _ragged_case(seed):
+    """Six prompts of 1-15 tokens and a student/teacher pair with grouped-query attention."""
+    student = tiny_causal_lm(layers=1, seed=10 + seed, kv_heads=2)
+    teacher = tiny_causal_lm(layers=2, seed=20 + seed, kv_heads=1)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [
+        torch.randint(3, 100, (int(n),), generator=g).tolist()
+        for n in torch.randint(1, 16, (6,), generator=g)
+    ]
+    ids, mask = left_pad(prompts, PAD)
+    return student, teacher, ids, mask, Noise.draw(len(prompts), seed=100 + seed)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    "make_rule",
+    [
+        lambda B: SwitchRule(0.006, 0.05),  # the teacher writes 35-45%
+        lambda B: SwitchRule(0.0032, 0.05),  # the teacher writes ~90%
+        lambda B: SwitchRule(0.0, 0.1),  # the teacher writes everything
+        lambda B: SKDRule(top_k=5),  # the decision reads the student's token
+        lambda B: AdaSwitchRule(B, window=3, factor=1.2),  # state per row
+    ],
+)
+def test_random_roles_ragged_prompts_and_early_eos_equal_naive(seed, make_rule):
+    """Random drafters and block sizes, ragged prompts, rows that stop early and so leave the
+    batch mid-rollout (test_early_eos_is_exercised), teacher sampling or argmax."""
+    student, teacher, ids, mask, noise = _ragged_case(seed)
+    greedy = seed % 2 == 1
+    fast = switch_rollout(
+        student,
+        teacher,
+        ids,
+        mask,
+        make_rule(len(ids)),
+        24,
+        noise,
+        EOS,
+        PAD,
+        teacher_greedy=greedy,
+        adaptive=True,
+        planner=_ScriptedPlanner(seed),
+    )
+    slow = naive_switch_rollout(
+        student,
+        teacher,
+        ids,
+        mask,
+        make_rule(len(ids)),
+        24,
+        noise,
+        EOS,
+        PAD,
+        teacher_greedy=greedy,
+        keep_teacher_logits=True,
+    )
+    _same(fast, slow)
+    torch.testing.assert_close(
+        fast.teacher_logits[fast.mask], slow.teacher_logits[slow.mask], rtol=1e-4, atol=1e-4
+    )
+    assert fast.stats["teacher_drafted_blocks"] > 0
+
+
+def test_early_eos_is_exercised():
+    """The cases of the random-role test: some rows stop early, others run to the end."""
+    lengths = []
+    for seed in range(4):
+        student, teacher, ids, mask, noise = _ragged_case(seed)
+        r = naive_switch_rollout(
+            student, teacher, ids, mask, SwitchRule(0.006, 0.05), 24, noise, EOS, PAD
+        )
+        lengths += r.mask.sum(1).tolist()
+    assert sum(n < 24 for n in lengths) >= 3 and sum(n == 24 for n in lengths) >= 3
+
+
+def test_rows_leave_the_batch_through_the_hf_decoder_too():
+    student, teacher, ids, mask, noise = _ragged_case(0)
+    rule = lambda: SwitchRule(0.006, 0.05)  # noqa: E731
+    kw = dict(adaptive=True, planner=_ScriptedPlanner(0))
+    fast = switch_rollout(
+        student, teacher, ids, mask, rule(), 24, noise, EOS, PAD, lean=False, **kw
+    )
+    slow = naive_switch_rollout(student, teacher, ids, mask, rule(), 24, noise, EOS, PAD)
+    _same(fast, slow)
+    assert (fast.mask.sum(1) < 24).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("width", [1, 3, 5])
+@pytest.mark.parametrize(
+    "make_rule",
+    [
+        lambda B: SwitchRule(0.006, 0.05),
+        lambda B: SwitchRule(0.0032, 0.05),
+        lambda B: AdaSwitchRule(B, window=3, factor=1.2),
+    ],
+)
+def test_continuous_batching_equals_naive(seed, width, make_rule, monkeypatch):
+    """At most ``width`` rows decode at once and a waiting prompt takes each finished row's place
+    (its prompt written into the row's cache, the cache grown when the prompt is longer than
+    the row's slots so far): every row writes what the naive loop writes for it, in any order,
+    under random drafters and block sizes."""
+    student, teacher, ids, mask, noise = _ragged_case(seed)
+    # a long prompt first in the queue (the cache grows for it), a one-token prompt last
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    prompts = prompts[:width] + [[3 + (7 * i) % 97 for i in range(120)]] + prompts[width:] + [[9]]
+    ids, mask = left_pad(prompts, PAD)
+    noise = Noise.draw(len(prompts), seed=200 + seed)
+    grown = []
+    grow = LeanDecoder.grow
+    monkeypatch.setattr(LeanDecoder, "grow", lambda self, n: grown.append(n) or grow(self, n))
+    fast = switch_rollout(
+        student,
+        teacher,
+        ids,
+        mask,
+        make_rule(len(ids)),
+        24,
+        noise,
+        EOS,
+        PAD,
+        adaptive=True,
+        planner=_ScriptedPlanner(seed),
+        batch=width,
+    )
+    slow = naive_switch_rollout(
+        student,
+        teacher,
+        ids,
+        mask,
+        make_rule(len(ids)),
+        24,
+        noise,
+        EOS,
+        PAD,
+        keep_teacher_logits=True,
+    )
+    _same(fast, slow)
+    torch.testing.assert_close(
+        fast.teacher_logits[fast.mask], slow.teacher_logits[slow.mask], rtol=1e-4, atol=1e-4
+    )
+    assert grown  # the long prompt did not fit the slots of the row it took
+
+
+@pytest.mark.parametrize("drafter", ["student", "teacher"])
+def test_fixed_drafter_equals_naive(drafter):
+    student, teacher = _models()
+    ids, mask = left_pad(PROMPTS, PAD)
+    noise = Noise.draw(len(PROMPTS), seed=5)
+    rule = lambda: SwitchRule(0.0032, 0.05)  # noqa: E731
+    fast = switch_rollout(
+        student, teacher, ids, mask, rule(), 16, noise, EOS, PAD, block_size=3, drafter=drafter
+    )
+    slow = naive_switch_rollout(student, teacher, ids, mask, rule(), 16, noise, EOS, PAD)
+    _same(fast, slow)
+    assert fast.stats["teacher_drafted_blocks"] == (
+        fast.stats["blocks"] if drafter == "teacher" else 0
+    )
