@@ -132,7 +132,6 @@ class DistillTrainer:
             cpu=not torch.cuda.is_available(),
             gradient_accumulation_steps=cfg.train.grad_accum,
             step_scheduler_with_optimizer=False,
-            log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         )
         self.device = acc.device
         self.world = acc.num_processes
@@ -195,9 +194,11 @@ class DistillTrainer:
         )
         from accelerate.utils import DistributedType
 
-        if acc.distributed_type == DistributedType.DEEPSPEED:  # no data loader to read it from
-            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-                cfg.train.batch_size
+        if acc.distributed_type == DistributedType.DEEPSPEED:  # no data loader to read them from
+            acc.state.deepspeed_plugin.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=cfg.train.batch_size,
+                gradient_accumulation_steps=cfg.train.grad_accum,
+                gradient_clipping=cfg.train.max_grad_norm,  # DeepSpeed clips inside its step
             )
         params = [p for p in student.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -224,13 +225,18 @@ class DistillTrainer:
             if cfg.train.resume:  # rows of steps after the checkpoint are logged again
                 rows = _read_rows(self.metrics.path)
                 write_jsonl(self.metrics.path, [r for r in rows if r.get("step", 0) <= self.step])
-        if cfg.train.report_to != "none":
-            acc.project_configuration.set_directories(str(self.run_dir))
-            acc.init_trackers(
-                "tensorboard" if cfg.train.report_to == "tensorboard" else "lmsmith-distill",
-                config=_scalars(_flat(C.to_dict(cfg))),
-                init_kwargs={"wandb": {"dir": str(self.run_dir), "name": self.run_dir.name}},
-            )
+        self.tracker = None  # TensorBoard / W&B, through accelerate's trackers, main process only
+        if cfg.train.report_to != "none" and self.is_main:
+            from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+            if cfg.train.report_to == "tensorboard":
+                self.tracker = TensorBoardTracker("tensorboard", str(self.run_dir))
+            else:
+                self.tracker = WandBTracker(
+                    "lmsmith-distill", dir=str(self.run_dir), name=self.run_dir.name
+                )
+            self.tracker.start()
+            self.tracker.store_init_configuration(_scalars(_flat(C.to_dict(cfg))))
         acc.wait_for_everyone()
 
     def _broadcast(self, obj):
@@ -664,8 +670,8 @@ class DistillTrainer:
         """One metrics row: metrics.jsonl, and the ``report_to`` tracker (main process only)."""
         if self.is_main:
             self.metrics.log(**row)
-        if self.cfg.train.report_to != "none":
-            self.accelerator.log(_scalars(_flat(row), drop_none=True), step=row.get("step"))
+        if self.tracker is not None:
+            self.tracker.log(_scalars(_flat(row), drop_none=True), step=row.get("step"))
 
     def _distillm_schedule(self) -> None:
         """DistiLLM's adaptive off-policy: raise the student-data share when validation loss stalls."""
@@ -866,8 +872,8 @@ def run(cfg: DistillConfig, teacher=None, student=None, tokenizer=None) -> dict:
             trainer.out.discard(keep=("checkpoints",))  # a run with checkpoints stays resumable
         raise
     finally:
-        if cfg.train.report_to != "none":
-            trainer.accelerator.end_training()
+        if trainer.tracker is not None:
+            trainer.tracker.finish()
     if trainer.is_main:
         trainer.out.finish()
     trainer.accelerator.wait_for_everyone()
