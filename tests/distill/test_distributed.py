@@ -84,6 +84,16 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> None:
     assert proc.returncode == 0, out.decode(errors="replace")[-4000:]
 
 
+def _worker():
+    """tests/distill/ddp_worker.py as a module (its tiny models are the one-process reference)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddp_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    return worker
+
+
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -137,12 +147,7 @@ def test_two_processes_equal_one_with_grad_accum(two, data, tmp_path):
         assert len(r0) == len(r1) == 4 and not set(r0) & set(r1)
         assert sorted(r0 + r1) == list(range(8 * step, 8 * step + 8))
     # one process, the same global batch through gradient accumulation
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ddp_worker", WORKER)
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
-    teacher, student, tok = worker.models()
+    teacher, student, tok = _worker().models()
     run(
         C.load(DistillConfig, None, _values(data, tmp_path / "one", grad_accum=2, log_every=2)),
         teacher,
@@ -173,3 +178,25 @@ def test_kill_9_then_resume_equals_uninterrupted(two, data, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
     _assert_same(_weights(out), _weights(two / "run"), atol=1e-6)
+
+
+# DistiLLM at a learning rate that makes its validation loss stall by step 2: the student share
+# rises to 0.5 and the replay buffer holds enough rows to be drawn from in steps 5 and 6
+PER_ROW = {
+    "gkd": dict(method="gkd", max_steps=4, student_share=0.5),
+    "distillm": dict(method="distillm", max_steps=6, lr=0.3, distillm_share_step=0.5),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PER_ROW))
+def test_per_row_choices_do_not_depend_on_the_split(method, data, tmp_path):
+    """GKD's and DistiLLM's per-row coin flips (and DistiLLM's replay buffer, gathered from every
+    process once per step) are keyed by the global row: two processes equal one again."""
+    kw = PER_ROW[method]
+    _finish(_launch(_values(data, tmp_path / "two", **kw)))
+    teacher, student, tok = _worker().models()
+    one = _values(data, tmp_path / "one", grad_accum=2, **kw)
+    run(C.load(DistillConfig, None, one), teacher, student, tok)
+    _assert_same(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
+    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("student_data_share", 0) > 0 for r in rows)  # student rows were written
