@@ -372,7 +372,7 @@ class DistillTrainer:
 
     def rollout(self, batch: list[Example], rows: list[int]) -> Rollout:
         """The policy's sequences for ``batch``, whose global row ids are ``rows``."""
-        cfg = self.cfg
+        cfg, r = self.cfg, self.cfg.rollout
         ids, pmask = left_pad([e.prompt for e in batch], self.pad_id)
         ids, pmask = ids.to(self.device), pmask.to(self.device)
         # keyed by the global row: a row's sequence is the same whichever process draws it
@@ -383,11 +383,68 @@ class DistillTrainer:
         policy = cfg.policy
         if policy == "ground_truth":
             return self._ground_truth(batch)
+        with self._decoding(policy in TEACHER_DECODES, dtype) as (student, teacher, t_weights):
+            if policy == "teacher":
+                return sample_rollout(
+                    teacher,
+                    ids,
+                    pmask,
+                    r.max_new_tokens,
+                    noise,
+                    self.eos_id,
+                    self.pad_id,
+                    r.temperature,
+                    stream="teacher",
+                    dtype=dtype,
+                    weights=t_weights,
+                )
+            if policy == "student":
+                return sample_rollout(
+                    student,
+                    ids,
+                    pmask,
+                    r.max_new_tokens,
+                    noise,
+                    self.eos_id,
+                    self.pad_id,
+                    r.temperature,
+                    dtype=dtype,
+                )
+            if policy in ("mixed", "adaptive"):
+                return self._mixed(batch, rows, student, noise, dtype)
+            rule = {
+                "switch": lambda: SwitchRule(r.tau0, r.decay, r.schedule),
+                "skd": lambda: SKDRule(r.skd_top_k),
+                "adaswitch": lambda: AdaSwitchRule(len(batch), r.ada_window, r.ada_factor),
+            }[policy]()
+            return switch_rollout(
+                student,
+                teacher,
+                ids,
+                pmask,
+                rule,
+                r.max_new_tokens,
+                noise,
+                self.eos_id,
+                self.pad_id,
+                block_size=r.block_size,
+                temperature=r.temperature,
+                teacher_greedy=r.teacher_greedy,
+                adaptive=r.adaptive_block,
+                dtype=dtype,
+                teacher_weights=t_weights,
+            )
+
+    @contextlib.contextmanager
+    def _decoding(self, teacher_decodes: bool, dtype):
+        """(student, teacher, the teacher's lean-decoder weights) for a rollout: unwrapped from
+        the engine with their full weights present (gathered for the duration under FSDP /
+        ZeRO-3), the student in eval mode until the rollout ends."""
         with contextlib.ExitStack() as stack:
-            student = stack.enter_context(self._full(self.student))
+            student = stack.enter_context(full_weights(self.accelerator, self.student))
             teacher, t_weights = self.teacher, None
-            if policy in TEACHER_DECODES:
-                teacher = stack.enter_context(self._full(self.teacher))
+            if teacher_decodes:
+                teacher = stack.enter_context(full_weights(self.accelerator, self.teacher))
                 t_weights = self._teacher_weights
                 if t_weights is None and lean_supported(teacher):
                     t_weights = prepare_weights(teacher, dtype)
@@ -396,70 +453,9 @@ class DistillTrainer:
             was_training = student.training
             student.eval()
             try:
-                return self._decode(
-                    batch, rows, student, teacher, ids, pmask, noise, dtype, t_weights
-                )
+                yield student, teacher, t_weights
             finally:
                 student.train(was_training)
-
-    def _decode(self, batch, rows, student, teacher, ids, pmask, noise, dtype, t_weights):
-        cfg, r = self.cfg, self.cfg.rollout
-        policy = cfg.policy
-        if policy == "teacher":
-            return sample_rollout(
-                teacher,
-                ids,
-                pmask,
-                r.max_new_tokens,
-                noise,
-                self.eos_id,
-                self.pad_id,
-                r.temperature,
-                stream="teacher",
-                dtype=dtype,
-                weights=t_weights,
-            )
-        if policy == "student":
-            return sample_rollout(
-                student,
-                ids,
-                pmask,
-                r.max_new_tokens,
-                noise,
-                self.eos_id,
-                self.pad_id,
-                r.temperature,
-                dtype=dtype,
-            )
-        if policy in ("mixed", "adaptive"):
-            return self._mixed(batch, rows, student, noise, dtype)
-        rule = {
-            "switch": lambda: SwitchRule(r.tau0, r.decay, r.schedule),
-            "skd": lambda: SKDRule(r.skd_top_k),
-            "adaswitch": lambda: AdaSwitchRule(len(batch), r.ada_window, r.ada_factor),
-        }[policy]()
-        return switch_rollout(
-            student,
-            teacher,
-            ids,
-            pmask,
-            rule,
-            r.max_new_tokens,
-            noise,
-            self.eos_id,
-            self.pad_id,
-            block_size=r.block_size,
-            temperature=r.temperature,
-            teacher_greedy=r.teacher_greedy,
-            adaptive=r.adaptive_block,
-            dtype=dtype,
-            teacher_weights=t_weights,
-        )
-
-    def _full(self, model):
-        """``model`` unwrapped, with its full weights present for decoding (gathered for the
-        duration under FSDP / ZeRO-3)."""
-        return full_weights(self.accelerator, model)
 
     def _mixed(self, batch, rows, student, noise, dtype) -> Rollout:
         """GKD: each sequence is student-written with probability ``rollout.student_share``
@@ -699,7 +695,7 @@ class DistillTrainer:
         """Sampled ROUGE-L of the student on data.eval_data (eval_limit rows; every process
         computes the same figure)."""
         prompts = [build_prompt(r, self.tok, self.cfg.data.chat_template) for r in self.eval_rows]
-        with self._full(self.student) as student:
+        with full_weights(self.accelerator, self.student) as student:
             answers = generate(
                 student,
                 self.tok,
