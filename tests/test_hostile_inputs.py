@@ -235,21 +235,29 @@ class _Planted:
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
+# the files of a checkpoint that are pickles (accelerate's save_state: optimiser, scheduler and
+# RNG states); the student is safetensors, lmsmith's own state JSON
+PICKLED = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+
+
 def test_a_planted_pickle_in_a_checkpoint_is_never_run(tiny_dir, rows, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     args = distill_args(tiny_dir, rows, run, "--save-every", "1", "--max-steps", "3")
     assert cli(capsys, *args)[0] == 0
     newest = run / "checkpoints" / "step-0000002"
+    assert {p.name for p in newest.iterdir()} >= {*PICKLED, "model.safetensors"}
     marker = tmp_path / "pwned"
-    torch.save({"model": _Planted(marker)}, newest / "state.pt")
+    for name in PICKLED:
+        torch.save({"model": _Planted(marker)}, newest / name)
     with caplog.at_level(logging.WARNING):
         assert cli(capsys, *distill_args(tiny_dir, rows, run, "--resume"))[0] == 0
     assert not marker.exists()
     assert "step-0000002 is unusable" in caplog.text  # fell back to step 1
-    # the only checkpoint planted: refused, nothing run
+    # the only checkpoints planted: refused, nothing run
     (run / "run.json").write_text(json.dumps({"command": "distill", "status": "running"}))
     for ck in (run / "checkpoints").iterdir():
-        torch.save({"model": _Planted(marker)}, ck / "state.pt")
+        for name in PICKLED:
+            torch.save({"model": _Planted(marker)}, ck / name)
     assert "no usable checkpoint" in refused(capsys, *distill_args(tiny_dir, rows, run, "--resume"))
     assert not marker.exists()
 
@@ -362,10 +370,10 @@ def test_truncated_and_foreign_checkpoints_fall_back(tiny_dir, rows, tmp_path, c
     assert cli(capsys, *distill_args(tiny_dir, rows, other, "--save-every", "1",
                                      "--student", "layers:0,1"))[0] == 0  # fmt: skip
     cks = sorted((run / "checkpoints").iterdir())  # step 2 and step 3
-    raw = (cks[1] / "state.pt").read_bytes()
-    (cks[1] / "state.pt").write_bytes(raw[: len(raw) // 2])  # truncated
-    foreign = other / "checkpoints" / cks[0].name / "state.pt"
-    (cks[0] / "state.pt").write_bytes(foreign.read_bytes())  # another architecture
+    raw = (cks[1] / "model.safetensors").read_bytes()
+    (cks[1] / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated
+    foreign = other / "checkpoints" / cks[0].name / "model.safetensors"
+    (cks[0] / "model.safetensors").write_bytes(foreign.read_bytes())  # another architecture
     with caplog.at_level(logging.WARNING):
         line = refused(capsys, *distill_args(tiny_dir, rows, run, "--resume", "--max-steps", "6"))
     assert "no usable checkpoint" in line and "another student architecture" in line

@@ -16,7 +16,8 @@ lean forward equals HF's up to the rounding of a different matmul grouping (≈1
 tests/test_generation.py checks its logits against the HF forward.
 
 Sampling. For every row ``b``, response position ``t`` and stream (student, teacher), ``Noise``
-derives a vector of Gumbel noise over the vocabulary from a hash of (seed, stream, row, t). A
+derives a vector of Gumbel noise over the vocabulary from a hash of (seed, stream, row, t), with a
+counter-based generator (splitmix64) computed on the logits' device. A
 token is the argmax of logits/T plus that noise (the Gumbel-max trick: an exact sample of
 softmax(logits/T)), so the result does not depend on the order in which positions are computed,
 nor on which other rows share the batch. That is what lets lmsmith.distill's draft-and-verify
@@ -37,7 +38,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -358,15 +358,43 @@ def decoder(
 # Seeded sampling
 
 _STREAMS = {"student": 1, "teacher": 2}
+_M64 = 0xFFFFFFFFFFFFFFFF
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (the golden ratio)
+_C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # its output mixer's multipliers
 
 
 def _mix(*xs: int) -> int:
     """splitmix64 over a tuple of integers: a seed per (run seed, stream, row, position)."""
-    h = 0x9E3779B97F4A7C15
+    h = _GAMMA
     for x in xs:
-        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (x & _M64)) * _C1 & _M64
+        h = (h ^ (h >> 31)) * _C2 & _M64
         h ^= h >> 29
+    return h
+
+
+def _signed(x: int) -> int:
+    """A uint64 as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(h: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (h >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Output ``counter`` (0-based) of the splitmix64 generator seeded with ``key``, as int64
+    bit patterns; ``key`` and ``counter`` broadcast. Wrapping int64 arithmetic gives the uint64
+    result bit for bit on every device (checked against Python integers in the tests). Written
+    in place on one buffer: on a CPU, fresh (B, V) buffers cost more than the arithmetic."""
+    h = (counter + 1) * _signed(_GAMMA) + key
+    t = torch.empty_like(h)
+    for s, c in ((30, _C1), (27, _C2), (31, None)):
+        torch.bitwise_right_shift(h, s, out=t)
+        h ^= t.bitwise_and_((1 << (64 - s)) - 1)
+        if c is not None:
+            h *= _signed(c)
     return h
 
 
@@ -375,6 +403,8 @@ class Noise:
     """Gumbel noise per (row, response position, stream), derived on demand from a seed.
 
     ``rows`` are the global ids of the batch rows (``select`` keeps a subset with their noise).
+    A distributed trainer gives each row its index in the run's stream of rows, so a row's noise
+    does not depend on which process, micro-batch or batch neighbours it has.
     """
 
     seed: int
@@ -389,20 +419,22 @@ class Noise:
         """The noise of batch rows ``idx`` (each keeps its global row id, so its draws)."""
         return Noise(self.seed, tuple(self.rows[i] for i in idx))
 
-    def gumbel(self, stream: str, pos: torch.Tensor, vocab: int) -> torch.Tensor:
-        """(B, V) Gumbel(0, 1) noise (float32, CPU) for row b at response position pos[b].
+    def gumbel(self, stream: str, pos: torch.Tensor, vocab: int, device=None) -> torch.Tensor:
+        """(B, V) Gumbel(0, 1) noise (float32, on ``device``) for row b at response position pos[b].
 
-        Each vector comes from a PCG64 generator keyed by the full 64-bit hash (torch's CPU
-        generator keeps only 32 bits of a seed) and is computed in float64, so the tail of the
-        distribution is not cut at float32's 24-bit uniforms."""
-        out = np.empty((len(self.rows), vocab))
-        for b, (row, t) in enumerate(zip(self.rows, pos.tolist())):
-            key = _mix(self.seed, _STREAMS[stream], row, t)
-            np.random.Generator(np.random.PCG64(key)).random(out=out[b])
-        # u in [0, 1): u = 0 gives -inf (never drawn); u < 1 keeps the noise finite
-        with np.errstate(divide="ignore"):
-            g = -np.log(-np.log(out))
-        return torch.from_numpy(g).float()
+        Counter-based and drawn where the logits are: element v of a row is output v of a
+        splitmix64 generator keyed by the 64-bit hash of (seed, stream, row, position), computed
+        with int64 tensor arithmetic on ``device``, so the noise is the same on a CPU and a GPU
+        and costs a few elementwise kernels instead of a host-side loop. The uniforms take 53 bits
+        and the logs run in float64, so the tail is not cut at float32's 24-bit uniforms."""
+        keys = [
+            _signed(_mix(self.seed, _STREAMS[stream], row, t))
+            for row, t in zip(self.rows, pos.tolist())
+        ]
+        key = torch.tensor(keys, dtype=torch.int64, device=device).unsqueeze(1)  # (B, 1)
+        h = splitmix64(key, torch.arange(vocab, dtype=torch.int64, device=device))  # (B, V)
+        u = _shr(h, 11).double().mul_(2.0**-53)  # [0, 1): 0 gives -inf (never drawn), < 1 finite
+        return u.log_().neg_().log_().neg_().float()
 
 
 @dataclass
@@ -475,7 +507,7 @@ def draw(
     """
     if greedy:
         return logits.argmax(-1)
-    g = noise.gumbel(stream, pos, logits.shape[-1]).to(logits.device)
+    g = noise.gumbel(stream, pos, logits.shape[-1], device=logits.device)
     return (logits.float() / temperature + g).argmax(-1)
 
 

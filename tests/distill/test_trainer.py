@@ -183,3 +183,18 @@ def test_warmup_schedule_is_linear_then_constant(warm):
         sched.step()
     expected = [0.1 * (min(1.0, (k + 1) / warm) if warm else 1.0) for k in range(6)]
     assert seen == pytest.approx(expected, rel=1e-12)
+
+
+def test_report_to_tensorboard_writes_the_metrics(teacher, data, tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install 'lmsmith[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(data, tmp_path, "switch", max_steps=3, report_to="tensorboard")
+    run(cfg, teacher, layer_pruned(teacher, [0]), tiny_tokenizer())
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")  # hparams: a subfolder
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    loss = acc.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx(_losses(tmp_path), rel=1e-6)
+    assert "teacher_share_by_position.0-15" in acc.Tags()["scalars"]

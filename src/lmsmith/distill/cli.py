@@ -3,14 +3,25 @@
 
 from __future__ import annotations
 
+import os
+
+
+def _main_process() -> bool:
+    """Under ``accelerate launch`` every process runs the command; one prints."""
+    return os.environ.get("RANK", "0") == "0"
+
 
 def show_precision(cfg) -> None:
     from lmsmith.precision import describe, resolve_precision
 
+    if not _main_process():
+        return
     print(describe(cfg.train.precision, resolve_precision(cfg.train.precision)), flush=True)
 
 
 def show_run(cfg, s: dict) -> None:
+    if not _main_process():
+        return
     print("\n| method | steps | final loss | tokens/s | teacher-token share | eval ROUGE-L |")
     print("|---|---|---|---|---|---|")
     share = "–" if s["teacher_token_share"] is None else f"{100 * s['teacher_token_share']:.1f}%"

@@ -128,8 +128,12 @@ class TrainConfig:
     lr: float = field(5e-5, help="peak learning rate (AdamW)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(0, help="linear warm-up steps")
-    batch_size: int = field(8, help="sequences per micro-batch")
-    grad_accum: int = field(1, help="micro-batches per optimiser step")
+    batch_size: int = field(8, help="sequences per micro-batch on each process")
+    grad_accum: int = field(
+        1,
+        help="micro-batches per optimiser step; the global batch is batch_size x grad_accum x "
+        "processes",
+    )
     max_steps: int = field(100, help="optimiser steps")
     max_grad_norm: float = field(1.0, help="gradient clipping (0 = off)")
     precision: Precision = field(
@@ -150,6 +154,17 @@ class TrainConfig:
         False, help="replace an existing output_dir that is not a finished distill run"
     )
     progress: bool = field(True, help="show progress bars")
+    report_to: Literal["none", "tensorboard", "wandb"] = field(
+        "none",
+        help="also log metrics to TensorBoard (run folder/tensorboard; pip install "
+        "'lmsmith[tensorboard]') or Weights & Biases; metrics.jsonl is always written",
+    )
+    teacher_placement: Literal["auto", "replicate", "shard"] = field(
+        "auto",
+        help="the frozen teacher: a full copy on each device, or sharded through the FSDP / "
+        "DeepSpeed ZeRO-3 engine that accelerate is configured with; auto shards only under "
+        "those engines and when the teacher takes over half of a GPU's free memory",
+    )
 
     def __post_init__(self):
         for name in ("lr", "batch_size", "grad_accum", "max_steps"):
