@@ -16,10 +16,10 @@ class SplitConfig:
     dev_frac: float = field(0.1, help="share of each category's rows (whole templates) for dev")
     split_seed: int = field(0, help="seed of the template-disjoint dev/test split")
     test_limit: int | None = field(
-        100, help="score a seeded subset of N test rows (none = the whole test split)"
+        80, help="score a seeded subset of N test rows (none = the whole test split)"
     )
     search_rows: int | None = field(
-        32, help="dev rows (half ambiguous, half disambiguated) scoring each n of the search"
+        24, help="dev rows (half ambiguous, half disambiguated) scoring each n of the search"
     )
 
     def __post_init__(self):
@@ -62,7 +62,7 @@ class PromptConfig:
 
 @dataclass
 class AttributionConfig:
-    n_instances: int = field(12, help="dev instances sampled per seed (half ambiguous)")
+    n_instances: int = field(10, help="dev instances sampled per seed (half ambiguous)")
     attr_instructions: int = field(2, help="paraphrases each sampled instance is attributed with")
     seeds: list[int] = field([0], help="seeds of the instance sampling (scores are averaged)")
     lam: float = field(1.0, help="λ, weight of the skill penalty max(0, α·skill)")
@@ -117,7 +117,7 @@ class PruneConfig:
     )
     refine: int = field(1, help="rounds of local refinement around the best feasible grid n")
     patience: int = field(2, help="stop the grid after this many infeasible n in a row")
-    guard_top_k: int = field(16, help="guard: ablate each of the top K units alone (0 = off)")
+    guard_top_k: int = field(12, help="guard: ablate each of the top K units alone (0 = off)")
     guard_max_rise: float = field(
         0.02, help="guard: drop a unit whose lone ablation raises held-out NLL by this fraction"
     )
@@ -169,11 +169,11 @@ class RetentionConfig:
     heldout_data: str = field(
         "", help="instruction jsonl for the guard and the search's NLL (default dolly dev)"
     )
-    heldout_rows: int = field(24, help="rows of heldout_data scored by next-token NLL")
+    heldout_rows: int = field(16, help="rows of heldout_data scored by next-token NLL")
     retention_data: str = field(
         "", help="instruction jsonl for the reported retention (default dolly valid)"
     )
-    retention_nll_rows: int = field(32, help="rows of retention_data: NLL before/after")
+    retention_nll_rows: int = field(24, help="rows of retention_data: NLL before/after")
     nll_tokens: int = field(64, help="each NLL text is cut to its first N tokens")
     retention_rows: int = field(0, help="ROUGE-L on N retention_data rows before/after (0 = off)")
     retention_tokens: int = field(64, help="greedy tokens generated per retention answer")
