@@ -46,6 +46,50 @@ def run(out: Path, data: Path, models: list[str], categories: list[str]) -> None
                     "--output-dir", str(out / tag / cat), "--progress", "false")  # fmt: skip
 
 
+def guard_check(unit: str = "model.layers.29.mlp.down_proj", index: int = 31) -> None:
+    """The unit the first version pruned first on SmolLM2: its activation at the first position
+    and in the answer positions, and what ablating it alone does to held-out NLL and to an
+    answer (the guard's measurement)."""
+    import statistics
+
+    import torch
+
+    from lmsmith import config
+    from lmsmith.debias.config import DebiasConfig
+    from lmsmith.debias.guard import mean_nll
+    from lmsmith.debias.pipeline import heldout
+    from lmsmith.debias.prune import Pruner
+    from lmsmith.debias.scoring import pad_id
+    from lmsmith.models import load_lm
+
+    model, tok = load_lm("smollm2-135m-instruct")
+    cfg = config.load(DebiasConfig, None, {"data": "unused"})
+    texts = heldout(tok, cfg, "guard")
+    acts = []
+    mod = dict(model.named_modules())[unit]
+    h = mod.register_forward_hook(lambda _m, _i, out: acts.append(out[0, :, index].abs()))
+    base = mean_nll(model, texts, pad_id(tok), batch_size=1)
+    h.remove()
+    first = statistics.median(float(a[0]) for a in acts)
+    rest = statistics.median(float(x) for a in acts for x in a[1:])
+    p = Pruner(model)
+    p.apply([(unit, index)])
+    ablated = mean_nll(model, texts, pad_id(tok))
+    q = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                tokenize=False, add_generation_prompt=True)  # fmt: skip
+    ids = tok(q, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    p.restore()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    orig = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    print(f"{unit}[{index}]: median |a| at position 0 {first:.0f}, elsewhere {rest:.1f}; "
+          f"held-out NLL {base:.3f} → {ablated:.3f} (+{100 * (ablated / base - 1):.0f}%) "
+          f"ablated alone; 'capital of France?' → {orig!r} / ablated {answer!r}")  # fmt: skip
+
+
 def one(d: Path, title: str) -> str:
     from lmsmith.debias.pipeline import format_answers, format_search, format_table
 
@@ -111,6 +155,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--testbed", action="store_true", help="fine-tune the testbed model first")
     ap.add_argument("--run", action="store_true", help="run the experiment first")
+    ap.add_argument("--guard-check", action="store_true", help="measure the massive unit")
     ap.add_argument("--models", default="smollm2,testbed", help="which models to run")
     ap.add_argument("--categories", default=",".join(CATEGORIES), help="which categories")
     ap.add_argument("--out", default="runs/debias-exp", help="runs folder")
@@ -119,6 +164,9 @@ def main() -> int:
     out = Path(a.out)
     if a.testbed:
         testbed(Path(a.data))
+    if a.guard_check:
+        guard_check()
+        return 0
     if a.run:
         run(out, Path(a.data), a.models.split(","), a.categories.split(","))
     print(tables(out))

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmsmith import config
 from lmsmith.cli import main
@@ -129,3 +130,29 @@ def test_user_errors_exit_2(tiny_dir, tmp_path, capsys):
     assert "no dev rows" in capsys.readouterr().err
 
     assert main(["debias", "frobnicate"]) == 2
+
+
+def test_testbed_trains_on_a_folder_and_writes_a_model(tiny_dir, tmp_path):
+    data = tmp_path / "train-categories"
+    data.mkdir()
+    write_jsonl(data / "A.jsonl", bbq_rows(category="Nationality"))
+    write_jsonl(data / "B.jsonl", bbq_rows(category="Physical_appearance"))
+    out = tmp_path / "tb"
+    rc = main(["debias", "testbed", "--model", str(tiny_dir), "--data", str(data),
+               "--steps", "3", "--batch-size", "2", "--dev-rows", "8", "--train-layers", "1",
+               "--output-dir", str(out), "--progress", "false"])  # fmt: skip
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["categories"] == ["Nationality", "Physical_appearance"]
+    assert s["n_dev_rows_scored"] == 8 and s["steps"] == 3
+    assert {"accuracy_disambig", "unknown_rate"} <= set(s["dev_after"])
+    assert (out / "model" / "config.json").is_file() and (out / "config.json").is_file()
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert any("loss" in r for r in steps)
+    # the bottom layer stayed frozen: only the top layer (and the final norm) changed
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if ".layers.0." in k or "embed" in k)
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".layers.1." in k)
