@@ -285,9 +285,7 @@ def attribute(
     for start in range(0, len(samples), per_batch):
         idx = list(range(start, min(start + per_batch, len(samples))))
         pairs = [(enc[i], int(yhat[i])) for i in idx] + [(enc[i], int(gold[i])) for i in idx]
-        attr = attribute_batch(
-            model, layers, pairs, pad, prompt_cfg.length_norm, getattr(cfg, "positions", "answer")
-        )
+        attr = attribute_batch(model, layers, pairs, pad, prompt_cfg.length_norm, cfg.positions)
         a, a2, is_amb = alpha[idx], alpha_other[idx], amb[idx]
         for name, v in attr.items():
             b, s = v[: len(idx)], v[len(idx) :]
