@@ -10,7 +10,7 @@ from lmsmith.cli import BY_NAME, COMMANDS, GROUPS, main, resolve
 
 EXPECTED = {
     "eval", "distill", "demo",
-    "debias attribute", "debias prune", "debias eval", "debias run",
+    "debias attribute", "debias prune", "debias eval", "debias run", "debias testbed",
     "dialog index", "dialog search", "dialog train-retriever", "dialog eval-retrieval",
     "dialog train-reader", "dialog train-generator", "dialog answer", "dialog eval",
     "dialog serve",

@@ -53,6 +53,10 @@ COMMANDS: list[Command] = [
             "lmsmith.debias.pipeline:run_pipeline",
             "the whole pipeline: evaluate, attribute, search, prune, evaluate, baselines",
             show="lmsmith.debias.cli:show_run"),
+    Command("debias testbed", "lmsmith.debias.config:TestbedConfig",
+            "lmsmith.debias.testbed:run",
+            "fine-tune a model into a BBQ-style reader on categories never evaluated",
+            show="lmsmith.debias.cli:show_testbed"),
     Command("dialog index", f"{D}.config:IndexConfig", f"{D}.tasks:index",
             "build a retriever index over documents (folder, MD2D doc file, ...)",
             show=f"{D}.cli:show_index"),
@@ -138,9 +142,8 @@ def run(cmd: Command, argv: list[str]) -> int:
     if cmd.before:
         resolve(cmd.before)(cfg)
     result = resolve(cmd.call)(cfg)
-    if cmd.show:
-        resolve(cmd.show)(cfg, result)
-    return 0
+    rc = resolve(cmd.show)(cfg, result) if cmd.show else None
+    return rc if isinstance(rc, int) else 0  # a show function may set the exit code
 
 
 def find(argv: list[str]) -> tuple[Command | None, list[str], str]:

@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from lmsmith.debias.attribution import (
     attribute_batch,
+    biased_label,
     candidate_layers,
     crispr_score,
     n_units,
@@ -13,9 +15,10 @@ from lmsmith.debias.scoring import encode
 from .test_scoring import tiny_t5
 
 
-def slow_reference(model, layer_name, enc, k):
+def slow_reference(model, layer_name, enc, k, positions="all"):
     """Per layer, per sequence: replace the layer output by a leaf tensor, take
-    d log P / d output with autograd.grad, and max over positions of output · grad."""
+    d log P / d output with autograd.grad, and max over positions of output · grad (causal LM
+    with ``positions="answer"``: the last prompt token and the option tokens but the last)."""
     layer = dict(model.named_modules())[layer_name]
     holder = {}
 
@@ -41,10 +44,14 @@ def slow_reference(model, layer_name, enc, k):
         (g,) = torch.autograd.grad(logp, holder["leaf"])
     finally:
         h.remove()
-    return (holder["leaf"].detach() * g)[0].amax(0)
+    prod = (holder["leaf"].detach() * g)[0]  # (T, U)
+    if positions == "answer" and not model.config.is_encoder_decoder:
+        p = len(enc.prompt_ids)
+        prod = prod[p - 1 : p + len(enc.option_ids[k]) - 1]
+    return prod.amax(0)
 
 
-def _check(model, tok, s2s):
+def _check(model, tok, s2s, positions="all"):
     layers = candidate_layers(model)
     items = [
         ("Who forgot? A:", [" the old man", " the boy", " unknown"]),
@@ -53,22 +60,32 @@ def _check(model, tok, s2s):
     ]
     enc = [encode(tok, p, o, seq2seq=s2s) for p, o in items]
     pairs = [(enc[0], 1), (enc[1], 0), (enc[2], 2), (enc[0], 2)]  # ragged lengths
-    fast = attribute_batch(model, layers, pairs, pad=0, length_norm="sum")
+    fast = attribute_batch(model, layers, pairs, pad=0, length_norm="sum", positions=positions)
     for name in list(layers)[:: max(1, len(layers) // 6)] + [list(layers)[-1]]:
         for row, (e, k) in enumerate(pairs):
-            ref = slow_reference(model, name, e, k)
+            ref = slow_reference(model, name, e, k, positions)
             assert fast[name].shape == (len(pairs), n_units(layers[name]))
             assert torch.allclose(fast[name][row], ref, atol=1e-5, rtol=1e-4), name
 
 
-def test_fast_path_equals_slow_reference_causal(tiny):
+@pytest.mark.parametrize("positions", ["answer", "all"])
+def test_fast_path_equals_slow_reference_causal(tiny, positions):
     model, tok = tiny
-    _check(model, tok, s2s=False)
+    _check(model, tok, s2s=False, positions=positions)
 
 
-def test_fast_path_equals_slow_reference_seq2seq(tiny):
+@pytest.mark.parametrize("positions", ["answer", "all"])
+def test_fast_path_equals_slow_reference_seq2seq(tiny, positions):
     _, tok = tiny
-    _check(tiny_t5(), tok, s2s=True)
+    _check(tiny_t5(), tok, s2s=True, positions=positions)
+
+
+def test_biased_label_alpha_choices():
+    logs = torch.log(torch.tensor([[0.5, 0.2, 0.1]]))  # raw option probabilities
+    yhat, a = biased_label(logs, torch.tensor([0]), "prob")
+    assert int(yhat) == 1 and float(a) == pytest.approx(0.2)
+    _, a = biased_label(logs, torch.tensor([0]), "softmax")
+    assert float(a) == pytest.approx(0.2 / 0.8)
 
 
 def test_candidates_exclude_head_and_tied_embeddings(tiny):

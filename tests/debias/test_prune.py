@@ -1,7 +1,9 @@
 import torch
 
 from lmsmith.debias.attribution import candidate_layers
-from lmsmith.debias.prune import Pruner, golden_section_search, random_units, save_pruned
+from lmsmith.debias.config import PruneConfig
+from lmsmith.debias.prune import Pruner, constrained_search, log_grid, random_units, save_pruned
+from lmsmith.debias.verdict import judge
 
 
 def _ids():
@@ -87,24 +89,73 @@ def test_random_units_distinct_seeded(tiny):
     assert all(0 <= j < layers[m].weight.shape[0] for m, j in a)
 
 
-def test_golden_section_finds_the_peak_with_few_evaluations():
+def _metrics(amb, dis, unk_dis, nll=2.0, unknown_share=None):
+    share = unknown_share if unknown_share is not None else (amb + unk_dis) / 2
+    return {
+        "accuracy": (amb + dis) / 2,
+        "accuracy_ambig": amb,
+        "accuracy_disambig": dis,
+        "unknown_rate_disambig": unk_dis,
+        "bias_ambig": 0.0,
+        "bias_disambig": 0.0,
+        "nll": nll,
+        "answers": {"target": (100 - share) / 2, "other": (100 - share) / 2, "unknown": share},
+        "answers_by_position": {"ans0": 34.0, "ans1": 33.0, "ans2": 33.0},
+    }
+
+
+def test_log_grid():
+    assert log_grid(512) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert log_grid(12) == [0, 1, 2, 4, 8, 12]
+    assert log_grid(1) == [0, 1]
+
+
+def test_search_refuses_an_n_whose_model_answers_only_unknown():
+    """Plain accuracy would pick n >= 16 (50% by answering "unknown" to everything)."""
     calls = []
 
-    def f(n):
+    def dev(n):
         calls.append(n)
-        return -((n - 137) ** 2)
+        if n >= 16:  # the collapse: every answer "unknown"
+            return _metrics(100.0, 0.0, 100.0, unknown_share=100.0)
+        return _metrics(4.0 + n, 50.0, 3.0)  # a little better with n, skill intact
 
-    best, hist = golden_section_search(f, 0, 500, tol=2, max_evals=40)
-    assert abs(best - 137) <= 1
-    assert len(calls) == len(set(calls)) == len(hist) <= 20
-    assert hist[0][0] == 0 and hist[1][0] == 500
+    n, table = constrained_search(dev, 512, PruneConfig(refine=1, patience=2), "ambig")
+    rows = {r["n"]: r for r in table}
+    assert not rows[16]["feasible"] and not rows[32]["feasible"]
+    assert any("unknown" in w for w in rows[16]["why"])
+    assert 64 not in rows  # stopped after two infeasible grid points
+    assert 0 < n < 16 and rows[n]["feasible"]
+    assert n == 12  # refinement: midpoint between 8 and 16
+    assert len(calls) == len(set(calls))
 
 
-def test_golden_section_prefers_zero_on_flat_or_falling():
-    best, _ = golden_section_search(lambda n: 50.0, 0, 500)
-    assert best == 0
-    best, _ = golden_section_search(lambda n: -n, 0, 500)
-    assert best == 0
+def test_search_keeps_zero_when_nothing_is_feasible_or_no_gain():
+    n, table = constrained_search(
+        lambda n: _metrics(100.0, 0.0, 100.0, unknown_share=100.0) if n else _metrics(3, 50, 3),
+        64,
+        PruneConfig(),
+    )
+    assert n == 0 and all(not r["feasible"] for r in table if r["n"])
+    n, _ = constrained_search(lambda n: _metrics(3.5, 50, 3), 64, PruneConfig(min_gain=2.0))
+    assert n == 0  # feasible but no gain of 2 points
+    n, _ = constrained_search(
+        lambda n: _metrics(3 + n, 50, 3, nll=2.0 + (n >= 8)), 64, PruneConfig()
+    )
+    assert n == 6  # n >= 8 raises the held-out NLL by 50%: refused; refined between 4 and 8
+
+
+def test_verdict_degenerate_and_no_feasible():
+    before = _metrics(3.0, 50.0, 3.0)
+    collapsed = _metrics(97.0, 1.5, 97.0, unknown_share=97.2)
+    v = judge(73, before, collapsed, PruneConfig())
+    assert v["verdict"] == "degenerate"
+    assert any("97% of answers are unknown" in r for r in v["reasons"])
+    assert judge(0, before, before, PruneConfig())["verdict"] == "no-feasible-pruning"
+    better = _metrics(20.0, 49.0, 5.0)
+    assert judge(8, before, better, PruneConfig())["verdict"] == "improved"
+    worse = _metrics(2.0, 50.0, 3.0)
+    assert judge(8, before, worse, PruneConfig())["verdict"] == "no-feasible-pruning"
 
 
 def test_save_pruned_reloads_with_zero_rows(tiny, tmp_path):

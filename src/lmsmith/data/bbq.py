@@ -148,11 +148,18 @@ def parse_row(obj, path, line: int) -> BBQExample:
 def load_bbq(
     paths: str | Path | list, categories: list[str] | None = None, limit: int | None = None
 ) -> list[BBQExample]:
-    """Read one or more BBQ jsonl files (official schema), optionally keeping some categories."""
+    """Read BBQ jsonl files (official schema; a folder = its *.jsonl files), optionally keeping
+    some categories."""
     if isinstance(paths, (str, Path)):
         paths = [p for p in str(paths).split(",") if p.strip()]
+    files: list[Path] = []
+    for p in map(Path, paths):  # a folder stands for every *.jsonl file in it
+        found = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+        if not found:
+            raise UserError(f"folder '{p}' holds no .jsonl files")
+        files += found
     rows: list[BBQExample] = []
-    for path in map(Path, paths):
+    for path in files:
         n0 = len(rows)
         for lineno, obj in read_jsonl(path):
             rows.append(parse_row(obj, path, lineno))
@@ -217,4 +224,19 @@ def subsample(rows: list, n: int | None, seed: int = 0) -> list:
     if n is None or n >= len(rows):
         return list(rows)
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+def subsample_balanced(rows: list, n: int | None, seed: int = 0) -> list:
+    """``n`` rows, half ambiguous and half disambiguated (the rest from the other kind when one
+    runs short), drawn without replacement (seeded), in their original order; all if n is None."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    rng = random.Random(seed)
+    amb = [i for i, r in enumerate(rows) if r.ambiguous]
+    dis = [i for i, r in enumerate(rows) if not r.ambiguous]
+    k_amb = min(len(amb), n // 2)
+    k_dis = min(len(dis), n - k_amb)
+    k_amb = min(len(amb), n - k_dis)
+    keep = sorted(rng.sample(amb, k_amb) + rng.sample(dis, k_dis))
     return [rows[i] for i in keep]

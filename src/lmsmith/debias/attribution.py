@@ -4,10 +4,18 @@ A *unit* is one output feature of an ``nn.Linear`` (or transformers' ``Conv1D``)
 the model except the LM head and any layer whose weight is tied to the embeddings. For an
 option y of a prompt x, a unit's attribution is
 
-    A(y) = max over token positions t of  a_t · ∂ log P(y | x) / ∂a_t
+    A(y) = max over answer positions t of  a_t · ∂ log P(y | x) / ∂a_t
 
-where a_t is the unit's output at position t. With ŷ the model's most likely wrong option and
-α = P(ŷ | x) (softmax over the three option scores), a unit's score on one instance is
+where a_t is the unit's output at position t. The answer positions (``positions="answer"``)
+are those that predict the option's tokens: in a causal LM the last prompt token and the
+option's tokens but its last; in an encoder-decoder every encoder position for encoder layers
+and the option's positions for decoder layers (the official code's split). The system prompt
+and BOS never count: a few "massive activation" units (|a| in the thousands at position 0) would
+otherwise win the max whatever the question. ``positions="all"`` takes every token.
+
+With ŷ the model's most likely wrong option and α = P(ŷ | x) (``alpha="prob"``: the raw
+probability of the option's tokens, as the official code; ``"softmax"``: renormalised over the
+three options), a unit's score on one instance is
 
     score = α · A(ŷ) − λ · max(0, α · A(y_gold))
 
@@ -21,7 +29,6 @@ the gradient of the summed log-probabilities gives each row its own gradient.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +90,8 @@ def _encoder_layer_ids(model) -> set[int]:
 
 
 def _batch_tensors(batch: list[tuple[Encoded, int]], pad: int, seq2seq: bool):
-    """(prompt, option index) pairs → input tensors, token masks and the option log-prob mask."""
+    """(prompt, option index) pairs → input tensors, token masks and the option log-prob mask
+    (``target``: the positions whose next token is an option token — the answer positions)."""
     if seq2seq:
         ids, attn = pad_ids([e.prompt_ids for e, _ in batch], pad)
         lab, dec_mask = pad_ids([e.option_ids[k] for e, k in batch], -100)
@@ -120,19 +128,29 @@ def _sequence_logp(model, t: dict, length_norm: str) -> torch.Tensor:
 
 
 def attribute_batch(
-    model, layers: dict[str, nn.Module], batch: list[tuple[Encoded, int]], pad: int, length_norm
+    model,
+    layers: dict[str, nn.Module],
+    batch: list[tuple[Encoded, int]],
+    pad: int,
+    length_norm,
+    positions: str = "answer",
 ) -> dict[str, torch.Tensor]:
     """Attribution of every unit for a batch of (prompt, option) pairs: name → (B, U).
 
-    One forward and one backward pass; the max runs over each row's own token positions
-    (encoder positions for encoder layers, decoder positions for decoder layers).
+    One forward and one backward pass; the max runs over each row's own positions: with
+    ``positions="answer"`` a causal LM's last prompt token and option tokens (those that
+    predict the option), an encoder-decoder's encoder positions for encoder layers and option
+    positions for decoder layers; with ``"all"`` every non-pad token.
     """
     device = next(model.parameters()).device
     s2s = is_seq2seq(model)
     t = {k: v.to(device) for k, v in _batch_tensors(batch, pad, s2s).items()}
     enc_ids = _encoder_layer_ids(model)
     enc_mask = t["attn"].bool()
-    dec_mask = t["dec_mask"].bool() if s2s else enc_mask
+    if s2s:
+        dec_mask = t["dec_mask"].bool()
+    else:
+        dec_mask = t["target"].bool() if positions == "answer" else enc_mask
     result: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -179,6 +197,35 @@ class AttributionResult:
     skill: dict[str, torch.Tensor]  # name → (U,) mean α·A(gold)
     n_samples: int
     mean_alpha: float
+    scores_ambig: dict[str, torch.Tensor]  # name → (U,) the part of ``scores`` from ambiguous rows
+    scores_other_alpha: dict[str, torch.Tensor]  # name → (U,) scores with the other α choice
+    scores_ambig_other_alpha: dict[str, torch.Tensor]  # its part from ambiguous rows
+    alpha: str = "prob"
+
+
+def attribution_samples(dev: list[BBQExample], instructions: list[str], cfg) -> list:
+    """(row, instruction) pairs: per seed, ``n_instances`` rows half ambiguous, half not."""
+    from lmsmith.data.bbq import subsample_balanced
+
+    samples: list[tuple[BBQExample, str]] = []
+    for seed in cfg.seeds:
+        picks = subsample_balanced(dev, cfg.n_instances, seed)
+        samples += [(r, ins) for r in picks for ins in instructions]
+    return samples
+
+
+def biased_label(logs: torch.Tensor, gold: torch.Tensor, alpha: str = "prob"):
+    """ŷ, the most likely wrong option, and α for each sample.
+
+    Args: logs: (S, K) option log-scores; gold: (S,) labels.
+    Returns: ŷ (S,), α (S,): exp(score of ŷ) for ``"prob"``, softmax(scores)[ŷ] for ``"softmax"``.
+    """
+    probs = torch.softmax(logs, dim=-1)  # (S, K)
+    wrong = probs.masked_fill(torch.nn.functional.one_hot(gold, probs.shape[1]).bool(), -1.0)
+    yhat = wrong.argmax(-1)
+    if alpha == "softmax":
+        return yhat, probs.gather(1, yhat[:, None])[:, 0]
+    return yhat, logs.gather(1, yhat[:, None])[:, 0].exp()
 
 
 def attribute(
@@ -192,18 +239,16 @@ def attribute(
 ) -> AttributionResult:
     """CRISPR scores averaged over sampled dev instances × instructions × seeds.
 
-    ``cfg``: AttributionConfig (n_instances, seeds, lam, batch_size); ``prompt_cfg``:
-    PromptConfig (chat_template, length_norm, max_prompt_tokens).
+    ``cfg``: AttributionConfig (n_instances, seeds, lam, batch_size, positions, alpha);
+    ``prompt_cfg``: PromptConfig (chat_template, length_norm, max_prompt_tokens). The scores of
+    the other α choice come from the same passes (only the weights differ).
     """
     model.eval()  # dropout off: the attribution describes the deployed model
     layers = candidate_layers(model)
     chat = uses_chat(tokenizer, prompt_cfg.chat_template)
     s2s = is_seq2seq(model)
     pad = pad_id(tokenizer)
-    samples: list[tuple[BBQExample, str]] = []
-    for seed in cfg.seeds:
-        picks = random.Random(seed).sample(range(len(dev)), min(cfg.n_instances, len(dev)))
-        samples += [(dev[i], ins) for i in picks for ins in instructions]
+    samples = attribution_samples(dev, instructions, cfg)
     items = [
         (
             example_prompt(r, ins, tokenizer, prompt_cfg.chat_template),
@@ -223,25 +268,33 @@ def attribute(
         progress,
         "attribution: option scores",
     )
-    probs = torch.softmax(logs, dim=-1)  # (S, 3)
     gold = torch.tensor([r.label for r, _ in samples])
-    wrong = probs.masked_fill(torch.nn.functional.one_hot(gold, probs.shape[1]).bool(), -1.0)
-    yhat = wrong.argmax(-1)
-    alpha = probs.gather(1, yhat[:, None])[:, 0]
+    yhat, alpha = biased_label(logs, gold, cfg.alpha)
+    other = "softmax" if cfg.alpha == "prob" else "prob"
+    _, alpha_other = biased_label(logs, gold, other)
+    amb = torch.tensor([r.ambiguous for r, _ in samples])
     enc = [encode(tokenizer, p, o, s2s, chat, prompt_cfg.max_prompt_tokens) for p, o in items]
-    sums = {k: torch.zeros(n_units(v)) for k, v in layers.items()}
-    bias_sum = {k: torch.zeros(n_units(v)) for k, v in layers.items()}
-    skill_sum = {k: torch.zeros(n_units(v)) for k, v in layers.items()}
+
+    def zeros():
+        return {k: torch.zeros(n_units(v)) for k, v in layers.items()}
+
+    sums, bias_sum, skill_sum, amb_sum = zeros(), zeros(), zeros(), zeros()
+    other_sum, other_amb = zeros(), zeros()
     per_batch = max(1, cfg.batch_size // 2)  # each instance brings two sequences
     bar = tqdm(total=len(samples), desc="attribution", disable=not progress, leave=False)
     for start in range(0, len(samples), per_batch):
         idx = list(range(start, min(start + per_batch, len(samples))))
         pairs = [(enc[i], int(yhat[i])) for i in idx] + [(enc[i], int(gold[i])) for i in idx]
-        attr = attribute_batch(model, layers, pairs, pad, prompt_cfg.length_norm)
-        a = alpha[idx]
+        attr = attribute_batch(model, layers, pairs, pad, prompt_cfg.length_norm, cfg.positions)
+        a, a2, is_amb = alpha[idx], alpha_other[idx], amb[idx]
         for name, v in attr.items():
             b, s = v[: len(idx)], v[len(idx) :]
-            sums[name] += crispr_score(b, s, a, cfg.lam).sum(0)
+            sc = crispr_score(b, s, a, cfg.lam)  # (B, U)
+            sums[name] += sc.sum(0)
+            amb_sum[name] += sc[is_amb].sum(0)
+            sc2 = crispr_score(b, s, a2, cfg.lam)
+            other_sum[name] += sc2.sum(0)
+            other_amb[name] += sc2[is_amb].sum(0)
             bias_sum[name] += (a[:, None] * b).sum(0)
             skill_sum[name] += (a[:, None] * s).sum(0)
         bar.update(len(idx))
@@ -253,7 +306,28 @@ def attribute(
         skill={k: v / n for k, v in skill_sum.items()},
         n_samples=n,
         mean_alpha=float(alpha.mean()),
+        scores_ambig={k: v / n for k, v in amb_sum.items()},
+        scores_other_alpha={k: v / n for k, v in other_sum.items()},
+        scores_ambig_other_alpha={k: v / n for k, v in other_amb.items()},
+        alpha=cfg.alpha,
     )
+
+
+def ambiguous_share(
+    scores: dict[str, torch.Tensor], scores_ambig: dict[str, torch.Tensor], top: int = 100
+) -> float:
+    """Share of the top-``top`` units' summed score that comes from ambiguous rows."""
+    ranked = rank_units(scores, top)
+    total = sum(s for _, _, s in ranked)
+    part = sum(float(scores_ambig[m][i]) for m, i, _ in ranked)
+    return part / total if total else float("nan")
+
+
+def top_overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], top: int = 100) -> float:
+    """Share of the top-``top`` units of ``a`` that are also in the top-``top`` of ``b``."""
+    ua = {(m, i) for m, i, _ in rank_units(a, top)}
+    ub = {(m, i) for m, i, _ in rank_units(b, top)}
+    return len(ua & ub) / max(1, len(ua))
 
 
 def rank_units(

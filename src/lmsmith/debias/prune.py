@@ -1,5 +1,5 @@
 """Pruning units by zeroing their weight rows (and bias entries), restoring them, choosing how
-many by golden-section search, and exporting the pruned model.
+many by a constrained search, and exporting the pruned model.
 
 Zeroing row j of a Linear's weight and entry j of its bias makes output unit j exactly 0 for
 every input, so nothing else in the model changes. (For transformers' ``Conv1D``, whose weight
@@ -99,51 +99,106 @@ def random_units(
     return picked
 
 
-INV_PHI = (math.sqrt(5) - 1) / 2  # 0.618...
+def log_grid(hi: int) -> list[int]:
+    """0, 1, 2, 4, 8, ... up to ``hi`` (``hi`` itself included)."""
+    grid, n = [0], 1
+    while n < hi:
+        grid.append(n)
+        n *= 2
+    return grid + [hi] if hi > 0 else grid
 
 
-def golden_section_search(
-    f: Callable[[int], float], lo: int, hi: int, tol: int = 4, max_evals: int = 30
-) -> tuple[int, list[tuple[int, float]]]:
-    """Integer golden-section search for the n in [lo, hi] that maximises f.
+def objective_value(m: dict, objective: str) -> float:
+    """Higher is better: ambiguous accuracy, or −(|s_AMB| + |s_DIS|) (−inf when undefined)."""
+    if objective == "ambig":
+        return m["accuracy_ambig"]
+    total = abs(m["bias_ambig"]) + abs(m["bias_disambig"])
+    return -total if math.isfinite(total) else -math.inf
 
-    Both ends are evaluated too (n = lo is "prune nothing"), every point at most once, and the
-    best point seen wins; ties go to the smaller n. Stops when the bracket is at most ``tol``
-    wide or after ``max_evals`` evaluations.
-    Returns: (best n, [(n, f(n)) in evaluation order]).
+
+def constraint_check(m: dict, base: dict, bounds) -> list[str]:
+    """Why the dev metrics ``m`` of a pruned model break the bounds, relative to n=0 (``base``);
+    empty when feasible. ``bounds``: a PruneConfig (max_dis_drop, max_unknown_rise,
+    max_nll_rise, max_one_kind). ``m`` and ``base`` hold bbq metrics plus ``nll``."""
+    why = []
+    if m["accuracy_disambig"] < base["accuracy_disambig"] - bounds.max_dis_drop:
+        why.append(
+            f"disambiguated accuracy {m['accuracy_disambig']:.1f} < "
+            f"{base['accuracy_disambig']:.1f} - {bounds.max_dis_drop:g}"
+        )
+    if m["unknown_rate_disambig"] > base["unknown_rate_disambig"] + bounds.max_unknown_rise:
+        why.append(
+            f"'unknown' on {m['unknown_rate_disambig']:.1f}% of disambiguated rows > "
+            f"{base['unknown_rate_disambig']:.1f} + {bounds.max_unknown_rise:g}"
+        )
+    if m.get("nll") is not None and base.get("nll") is not None:
+        if m["nll"] > base["nll"] * (1 + bounds.max_nll_rise):
+            why.append(
+                f"held-out NLL {m['nll']:.3f} > {base['nll']:.3f} x {1 + bounds.max_nll_rise:g}"
+            )
+    for key in ("answers", "answers_by_position"):
+        for kind, share in m.get(key, {}).items():
+            if share >= bounds.max_one_kind:
+                why.append(f"{share:.0f}% of answers are {kind}")
+    return why
+
+
+def constrained_search(
+    evaluate: Callable[[int], dict], hi: int, bounds, objective: str = "ambig"
+) -> tuple[int, list[dict]]:
+    """Choose n to improve the bias objective subject to the bounds, never by collapse.
+
+    ``evaluate(n)`` returns the dev metrics of the model with the top n units pruned (bbq
+    metrics plus ``nll``). The grid 0, 1, 2, 4, ... ``hi`` is walked upward until ``patience``
+    grid points in a row are infeasible; then ``refine`` rounds evaluate the midpoints between
+    the best feasible n and its nearest evaluated neighbours. The best feasible n > 0 (ties: the
+    smaller) is chosen when it beats n = 0 on the objective by at least ``min_gain``; else n = 0.
+    ``bounds``: a PruneConfig.
+    Returns: (n, one row per evaluated n: n, objective, the constraint values, feasible, why).
     """
-    if lo > hi:
-        raise ValueError(f"search range [{lo}, {hi}] is empty")
-    seen: dict[int, float] = {}
-    history: list[tuple[int, float]] = []
+    table: dict[int, dict] = {}
 
-    def val(n: int) -> float:
-        n = min(max(int(n), lo), hi)
-        if n not in seen:
-            seen[n] = float(f(n))
-            history.append((n, seen[n]))
-        return seen[n]
+    def val(n: int) -> dict:
+        if n not in table:
+            m = evaluate(n)
+            base = table[0]["metrics"] if table else m
+            why = constraint_check(m, base, bounds) if n > 0 else []
+            table[n] = {"n": n, "objective": objective_value(m, objective), "metrics": m,
+                        "feasible": not why, "why": why}  # fmt: skip
+        return table[n]
 
-    val(lo)
-    val(hi)
-    a, b = lo, hi
-    c = round(b - INV_PHI * (b - a))
-    d = round(a + INV_PHI * (b - a))
-    for _ in range(4 * max_evals):  # bounded even if rounding stalls the bracket
-        if b - a <= tol or len(seen) >= max_evals:
+    val(0)
+    misses = 0
+    for n in log_grid(hi)[1:]:
+        misses = 0 if val(n)["feasible"] else misses + 1
+        if misses >= bounds.patience:
             break
-        if c >= d or c <= a or d >= b:  # rounding collapsed the two probes
-            c, d = a + max(1, (b - a) // 3), b - max(1, (b - a) // 3)
-            if not a < c < d < b:
-                break
-        if val(c) >= val(d):  # the max is in [a, d]
-            b, d = d, c
-            c = round(b - INV_PHI * (b - a))
-        else:  # the max is in [c, b]
-            a, c = c, d
-            d = round(a + INV_PHI * (b - a))
-    best = max(seen.items(), key=lambda kv: (kv[1], -kv[0]))[0]
-    return best, history
+
+    def best_feasible():
+        ok = [r for r in table.values() if r["n"] > 0 and r["feasible"]]
+        return max(ok, key=lambda r: (r["objective"], -r["n"])) if ok else None
+
+    for _ in range(bounds.refine):
+        best = best_feasible()
+        if best is None:
+            break
+        seen = sorted(table)
+        j = seen.index(best["n"])
+        mids = []
+        if j > 0:
+            mids.append((seen[j - 1] + best["n"]) // 2)
+        if j + 1 < len(seen):
+            mids.append((best["n"] + seen[j + 1]) // 2)
+        mids = [m for m in mids if m not in table and m > 0]
+        if not mids:
+            break
+        for m in mids:
+            val(m)
+    best = best_feasible()
+    chosen = 0
+    if best is not None and best["objective"] >= table[0]["objective"] + bounds.min_gain:
+        chosen = best["n"]
+    return chosen, [table[n] for n in sorted(table)]
 
 
 def units_record(ranked: list[tuple[str, int, float]], n: int) -> list[dict]:

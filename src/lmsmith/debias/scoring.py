@@ -109,6 +109,18 @@ def option_logprobs(
     """Sum of token log-probabilities of every option, one prompt encoding per prompt.
 
     A causal LM also encodes the batch's common token prefix only once (``share_prefix``).
+    (:func:`option_logprobs_grad` is the same computation with gradients, for training.)
+
+    Args: ``batch`` of B prompts with K options each (same K).
+    Returns: (B, K) summed log-probs and (B, K) option lengths in tokens.
+    """
+    return option_logprobs_grad(model, batch, pad, share_prefix)
+
+
+def option_logprobs_grad(
+    model, batch: list[Encoded], pad: int, share_prefix: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`option_logprobs`, differentiable (the testbed trains on these scores).
 
     Args: ``batch`` of B prompts with K options each (same K).
     Returns: (B, K) summed log-probs and (B, K) option lengths in tokens.
