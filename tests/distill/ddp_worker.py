@@ -3,7 +3,8 @@ test_distributed.py starts it with two CPU processes; not a test module itself).
 
     python ddp_worker.py '{"method": "switch", "output_dir": ..., "data": ...}'
 
-Each process appends the global ids of the rows it trains on to ``<output_dir>.rows-<rank>``.
+Each process writes its process id to ``<output_dir>.pid-<rank>`` and appends the global ids of
+the rows it trains on to ``<output_dir>.rows-<rank>``.
 With ``LMSMITH_TEST_HANG_AFTER=k`` the main process, once it has written the checkpoint of step k,
 touches ``<output_dir>.hung`` and sleeps: the test kills the whole run there (kill -9).
 """
@@ -33,6 +34,8 @@ def main(values: dict) -> None:
     torch.set_num_threads(1)
     out = Path(values["output_dir"])
     rank = int(os.environ.get("RANK", 0))
+    # torchrun starts each rank in a session of its own: the test kills these ids itself
+    out.with_name(f"{out.name}.pid-{rank}").write_text(str(os.getpid()))
     rows_file = out.with_name(f"{out.name}.rows-{rank}")
     plain_rows = T.DistillTrainer.rows
 

@@ -14,6 +14,7 @@ Tiny in-process models (tests/distill/ddp_worker.py), so each launch takes secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,6 +95,15 @@ def _worker():
     return worker
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -129,7 +139,9 @@ def two(data, tmp_path_factory):
 def test_two_processes_equal_one_with_grad_accum(two, data, tmp_path):
     run_dir = two / "run"
     # one writer: one run folder (plus the rows each rank recorded), finished, one row per step
-    assert sorted(p.name for p in two.iterdir()) == ["run", "run.rows-0", "run.rows-1"]
+    assert sorted(p.name for p in two.iterdir()) == [
+        "run", "run.pid-0", "run.pid-1", "run.rows-0", "run.rows-1"
+    ]  # fmt: skip
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
@@ -169,8 +181,16 @@ def test_kill_9_then_resume_equals_uninterrupted(two, data, tmp_path):
         assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-4000:]
         assert time.monotonic() < deadline, "the run never reached step 4"
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    # the launcher and both ranks, mid-run (torchrun puts each rank in a session of its own)
+    ranks = [int(out.with_name(f"run.pid-{r}").read_text()) for r in (0, 1)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    while any(_alive(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "a rank survived SIGKILL"
+        time.sleep(0.05)
     assert json.loads((out / "run.json").read_text())["status"] == "running"
     assert not (out / "student").exists()
     _finish(_launch({**values, "resume": True}))
