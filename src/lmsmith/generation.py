@@ -157,6 +157,13 @@ class LeanDecoder:
             self._alloc(max(2 * self.capacity, self.length + n))
         self.length += n
 
+    def drop_front(self, n: int) -> None:
+        """Forget the first ``n`` slots of every row (no row attends to them any more; the caller
+        drops them from ``attn`` too): the cache keeps views, nothing is copied."""
+        self.cache = [(k[:, :, n:], v[:, :, n:]) for k, v in self.cache]
+        self.capacity -= n
+        self.length -= n
+
     @torch.no_grad()
     def fill_row(self, row: int, ids: torch.Tensor, pos_ids: torch.Tensor) -> None:
         """Write a new prompt ``ids`` (q,) at positions ``pos_ids`` (q,) into the last q slots of

@@ -349,6 +349,12 @@ def switch_rollout(
             if len(rows):
                 s_dec.select_rows(idx)
                 t_dec.select_rows(idx)
+        if refill and len(rows):  # slots no row attends to any more (refilled rows' pasts)
+            dead = int((fed == 0).all(0).long().cumprod(0).sum())
+            if dead:
+                s_dec.drop_front(dead)
+                t_dec.drop_front(dead)
+                fed = fed[:, dead:]
         live_noise = noise.select(rows.tolist())
         if adaptive:
             planner.observe(decisions, interventions)
