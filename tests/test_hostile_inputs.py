@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -443,7 +442,10 @@ def test_distill_resume_without_a_checkpoint_leaves_no_folder(tiny_dir, rows, tm
             ["distill", "--resume", "--overwrite", "--teacher", "no-such-model"],
             "exclude each other",
         ),
-        (["dialog", "serve", "--index", "i", "--timeout-request-s", "0"], "timeout_request_s must be > 0"),
+        (
+            ["dialog", "serve", "--index", "i", "--timeout-request-s", "0"],
+            "timeout_request_s must be > 0",
+        ),
     ],
 )
 def test_validation_gaps(argv, needle, capsys):
