@@ -142,6 +142,7 @@ def test_testbed_trains_on_a_folder_and_writes_a_model(tiny_dir, tmp_path):
     out = tmp_path / "tb"
     rc = main(["debias", "testbed", "--model", str(tiny_dir), "--data", str(data),
                "--steps", "3", "--batch-size", "2", "--dev-rows", "8", "--train-layers", "1",
+               "--pairs", "false", "--eval-every", "2",
                "--output-dir", str(out), "--progress", "false"])  # fmt: skip
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
@@ -151,6 +152,8 @@ def test_testbed_trains_on_a_folder_and_writes_a_model(tiny_dir, tmp_path):
     assert (out / "model" / "config.json").is_file() and (out / "config.json").is_file()
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert any("loss" in r for r in steps)
+    assert [r["step"] for r in steps if r.get("split") == "dev"] == [0, 2, 3]  # --eval-every 2
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
     # the bottom layer stayed frozen: only the top layer (and the final norm) changed
     from transformers import AutoModelForCausalLM
 
@@ -158,3 +161,32 @@ def test_testbed_trains_on_a_folder_and_writes_a_model(tiny_dir, tmp_path):
     b = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if ".layers.0." in k or "embed" in k)
     assert any(not torch.equal(a[k], b[k]) for k in a if ".layers.1." in k)
+
+
+def test_testbed_refuses_a_foreign_output_folder_before_loading(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "tb"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc = main(["debias", "testbed", "--model", str(tmp_path / "no-such-model"), "--data",
+               str(tmp_path), "--output-dir", str(out), "--progress", "false"])  # fmt: skip
+    assert rc == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_testbed_pairs_are_the_two_polarities_of_one_context():
+    from lmsmith.data.bbq import load_bbq
+    from lmsmith.debias.testbed import training_units
+
+    path = Path(__file__).parents[2] / ".." / "shared" / "data" / "bbq" / "train-categories"
+    if not path.is_dir():
+        pytest.skip("the shared BBQ data is not here")
+    rows = load_bbq(str(path / "Physical_appearance.jsonl"))
+    units = training_units(rows, pairs=True)
+    assert len(units) >= 0.99 * len(rows) / 2  # nearly every row has its partner
+    for a, b in units:
+        assert a.context == b.context and a.negative and not b.negative
+        assert a.ambiguous == b.ambiguous
+        # the answer flips with the question where the context tells; "unknown" both where not
+        assert (a.label != b.label) if not a.ambiguous else (a.label == b.label == a.unknown_idx)
+    assert training_units(rows, pairs=False) == [[r] for r in rows]

@@ -229,6 +229,9 @@ class TestbedConfig:
         "", help="BBQ jsonl file(s) or folder(s) to train on, comma-separated", required=True
     )
     output_dir: str | None = field(None, help="run folder (default runs/debias-testbed-<time>)")
+    overwrite: bool = field(
+        False, help="replace an existing output folder that is not a finished testbed run"
+    )
     dev_frac: float = field(0.2, help="share of each category's rows (whole templates) for dev")
     split_seed: int = field(0, help="seed of the template-disjoint train/dev split")
     dev_rows: int = field(120, help="dev rows scored before and after (half ambiguous)")
@@ -244,6 +247,12 @@ class TestbedConfig:
     gold_nll: float = field(
         0.1, help="weight of the gold option's per-token NLL added to the option cross-entropy"
     )
+    pairs: bool = field(
+        True,
+        help="train both question polarities of a context in the same step (the answer flips "
+        "with the question, so a pair is solved only by reading it)",
+    )
+    eval_every: int = field(0, help="score the dev rows every N steps too (0 = before/after only)")
     seed: int = field(0, help="seed of the row order, the paraphrase draws and torch")
     log_every: int = field(10, help="log the mean loss every N steps")
     max_prompt_tokens: int = field(512, help="prompts are cut to their last N tokens")

@@ -38,7 +38,8 @@ from lmsmith.debias.scoring import (
     pad_id,
     score_bbq,
 )
-from lmsmith.runs import MetricsSink, atomic_dir, make_run_dir, write_json
+from lmsmith.errors import UserError
+from lmsmith.runs import MetricsSink, atomic_dir, prepare_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,23 @@ def freeze_below(model, train_layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def training_units(rows: list, pairs: bool) -> list[list]:
+    """What a step draws from: single rows, or (with ``pairs``) the two question polarities of
+    one context, which BBQ always writes together. In a disambiguated context the two answers
+    differ, so a pair can only be solved by reading the question against the context."""
+    if not pairs:
+        return [[r] for r in rows]
+    by_context: dict[tuple, list] = {}
+    for r in rows:
+        by_context.setdefault((r.category, r.context), []).append(r)
+    units = []
+    for group in by_context.values():
+        neg = [r for r in group if r.negative]
+        pos = [r for r in group if not r.negative]
+        units += [[a, b] for a, b in zip(neg, pos)]
+    return units
+
+
 def dev_metrics(model, tok, rows, n_instr: int, progress: bool) -> dict:
     pcfg = PromptConfig(eval_instructions=n_instr, batch_size=8)
     logs = score_bbq(model, tok, rows, list(INSTRUCTIONS[:n_instr]), pcfg, progress, "dev")
@@ -68,16 +86,26 @@ def run(cfg: TestbedConfig) -> dict:
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    if cfg.pairs and cfg.batch_size % 2:
+        raise UserError(f"--batch-size {cfg.batch_size}: with --pairs true it must be even")
+    out = prepare_output(cfg.output_dir, "debias testbed", cfg.overwrite)
     rows = load_bbq(cfg.data)
     dev, train = split_dev_test(rows, cfg.dev_frac, cfg.split_seed)  # template-disjoint
     dev_eval = subsample_balanced(dev, cfg.dev_rows, cfg.split_seed)
+    units = training_units(train, cfg.pairs)
+    if not units:
+        raise UserError(f"{cfg.data}: no training rows with both question polarities (--pairs)")
     model, tok = load_lm(cfg.model)
-    run_dir = make_run_dir(cfg.output_dir, "debias-testbed")
-    write_json(run_dir / "config.json", config.to_dict(cfg))
+    with out.writing(config.to_dict(cfg)) as run_dir:
+        return _train(cfg, model, tok, rows, train, units, dev, dev_eval, run_dir, t0)
+
+
+def _train(cfg, model, tok, rows, train, units, dev, dev_eval, run_dir, t0) -> dict:
     sink = MetricsSink(run_dir / "metrics.jsonl")
     log.info(
-        "%d rows: %d train, %d dev (%d scored)", len(rows), len(train), len(dev), len(dev_eval)
-    )
+        "%d rows: %d train (%d units), %d dev (%d scored)",
+        len(rows), len(train), len(units), len(dev), len(dev_eval),
+    )  # fmt: skip
 
     model.eval()
     before = dev_metrics(model, tok, dev_eval, cfg.eval_instructions, cfg.progress)
@@ -100,11 +128,12 @@ def run(cfg: TestbedConfig) -> dict:
     losses: list[float] = []
     bar = tqdm(total=cfg.steps, desc="testbed", disable=not cfg.progress)
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            more = list(range(len(train)))
+        per_unit = len(units[0])
+        if len(order) * per_unit < cfg.batch_size:
+            more = list(range(len(units)))
             rng.shuffle(more)
-            order += more
-        batch = [train[order.pop()] for _ in range(cfg.batch_size)]
+            order = more + order  # pop() takes from the end: what is left goes first
+        batch = [r for _ in range(cfg.batch_size // per_unit) for r in units[order.pop()]]
         enc = []
         for r in batch:
             ins = rng.choice(INSTRUCTIONS)
@@ -127,6 +156,15 @@ def run(cfg: TestbedConfig) -> dict:
             sink.log(step=step + 1, loss=sum(recent) / len(recent), lr=sched.get_last_lr()[0],
                      elapsed_s=time.perf_counter() - t0)  # fmt: skip
             log.info("step %d loss %.4f", step + 1, sum(recent) / len(recent))
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            model.eval()
+            mid = dev_metrics(model, tok, dev_eval, cfg.eval_instructions, False)
+            sink.log(step=step + 1, split="dev", **mid)
+            log.info(
+                "step %d dev: accuracy %.1f, ambiguous %.1f, disambiguated %.1f",
+                step + 1, mid["accuracy"], mid["accuracy_ambig"], mid["accuracy_disambig"],
+            )  # fmt: skip
+            model.train()
         bar.update(1)
     bar.close()
     model.eval()
@@ -142,6 +180,8 @@ def run(cfg: TestbedConfig) -> dict:
         "data": cfg.data,
         "categories": sorted({r.category for r in rows}),
         "n_train_rows": len(train),
+        "n_train_units": len(units),
+        "pairs": cfg.pairs,
         "n_dev_rows": len(dev),
         "n_dev_rows_scored": len(dev_eval),
         "trainable_parameters": n_trainable,
