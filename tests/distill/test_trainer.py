@@ -198,3 +198,54 @@ def test_report_to_tensorboard_writes_the_metrics(teacher, data, tmp_path):
     assert [e.step for e in loss] == [1, 2, 3]
     assert [e.value for e in loss] == pytest.approx(_losses(tmp_path), rel=1e-6)
     assert "teacher_share_by_position.0-15" in acc.Tags()["scalars"]
+
+
+def test_references_cut_to_max_response_tokens(teacher, data, tmp_path):
+    from lmsmith.distill.trainer import DistillTrainer
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        json.dumps({"instruction": "Count.", "input": "", "output": " ".join(WORDS * 3)})
+    )
+    for cut, expect in ((None, None), (5, 5)):
+        t = DistillTrainer(
+            _cfg(long, tmp_path / f"o{cut}", "sft", max_response_tokens=cut),
+            teacher,
+            tiny_causal_lm(),
+            tiny_tokenizer(),
+        )
+        t.setup()
+        n = len(t.examples[0].response)
+        assert n == expect if expect else n > 20  # 24 words + EOS uncut
+
+
+def test_distillm_share_follows_the_official_rule(teacher, data, tmp_path, monkeypatch):
+    """Raised by the step only when the validation loss is >= eps above the loss at the last
+    raise (the first reference: before training); capped."""
+    from lmsmith.distill.trainer import DistillTrainer
+
+    t = DistillTrainer(
+        _cfg(
+            data,
+            tmp_path / "o",
+            "distillm",
+            distillm_share_step=0.4,
+            distillm_val_data=str(data),
+            distillm_val_rows=3,
+        ),  # fmt: skip
+        teacher,
+        tiny_causal_lm(),
+        tiny_tokenizer(),
+    )
+    t.setup()
+    assert len(t.val_examples) == 3
+    real = t.validation_loss()
+    assert real > 0 and real == t.validation_loss()  # deterministic, student untouched
+    losses = iter([1.0, 1.05, 1.2, 1.25, 1.31, 1.0, 2.0])
+    monkeypatch.setattr(t, "validation_loss", lambda: next(losses))
+    shares = []
+    for _ in range(7):
+        t._distillm_schedule()
+        shares.append(round(t.distillm_share, 6))
+    # ref 1.0; 1.05 < 1.1; 1.2 raises (ref 1.2); 1.25 < 1.3; 1.31 raises; 1.0 no; 2.0 → cap 1.0
+    assert shares == [0.0, 0.0, 0.4, 0.4, 0.8, 0.8, 1.0]

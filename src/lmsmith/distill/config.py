@@ -53,6 +53,11 @@ class DataConfig:
     eval_limit: int = field(32, help="rows of eval_data scored at each evaluation")
     max_prompt_tokens: int = field(256, help="prompts are cut to their last N tokens")
     max_total_tokens: int = field(512, help="prompt + response tokens for ground-truth sequences")
+    max_response_tokens: int | None = field(
+        None,
+        help="cut reference responses to their first N tokens (e.g. the rollout length, so "
+        "that every method trains on the same number of response positions; None = no cut)",
+    )
     chat_template: bool = field(False, help="wrap instructions in the tokenizer's chat template")
     limit: int | None = field(None, help="use the first N training rows only")
     long_prompts: Literal["skip", "truncate", "error"] = field(
@@ -64,6 +69,10 @@ class DataConfig:
             raise ValueError(f"data.limit must be >= 1 (or None for all rows), got {self.limit}")
         if self.eval_limit < 1:
             raise ValueError(f"data.eval_limit must be >= 1, got {self.eval_limit}")
+        if self.max_response_tokens is not None and self.max_response_tokens < 1:
+            raise ValueError(
+                f"data.max_response_tokens must be >= 1 (or None), got {self.max_response_tokens}"
+            )
         if self.max_prompt_tokens < 1 or self.max_total_tokens <= self.max_prompt_tokens:
             raise ValueError(
                 f"data.max_total_tokens ({self.max_total_tokens}) must exceed "
@@ -89,10 +98,21 @@ class RolloutConfig:
     ada_factor: float = field(
         1.5, help="AdaSwitch: switch when the window mean exceeds K x the earlier mean"
     )
-    distillm_share_max: float = field(0.5, help="DistiLLM: largest student-data share")
+    distillm_share_max: float = field(1.0, help="DistiLLM: largest student-data share")
     distillm_share_step: float = field(
-        0.1, help="DistiLLM: raise of the share when validation loss stalls"
+        0.1, help="DistiLLM: raise of the share when validation loss rises"
     )
+    distillm_eps: float = field(
+        0.1,
+        help="DistiLLM: raise the share when the validation loss is at least this much above the "
+        "loss at the last raise (the first reference is the loss before training)",
+    )
+    distillm_val_data: str = field(
+        "",
+        help="DistiLLM: held-out jsonl whose references give the validation loss (empty = the "
+        "first batch of training rows)",
+    )
+    distillm_val_rows: int = field(64, help="DistiLLM: rows of distillm_val_data used")
     replay_size: int = field(256, help="DistiLLM: replay buffer capacity (sequences)")
     replay_reuse: float = field(
         0.5, help="DistiLLM: share of student data taken from the buffer when it is full enough"

@@ -192,6 +192,11 @@ class DistillTrainer:
             if cfg.data.eval_data
             else []
         )
+        self.val_examples = self.examples[: cfg.train.batch_size]
+        if cfg.policy == "adaptive" and cfg.rollout.distillm_val_data:
+            self.val_examples = self._load_examples(
+                cfg.rollout.distillm_val_data, cfg.rollout.distillm_val_rows, need_refs=True
+            )
         from accelerate.utils import DistributedType
 
         if acc.distributed_type == DistributedType.DEEPSPEED:  # no data loader to read them from
@@ -277,13 +282,18 @@ class DistillTrainer:
         self.accelerator._models.remove(wrapped)
         return wrapped.eval()
 
-    def _load_examples(self) -> list[Example]:
+    def _load_examples(
+        self, path: str | None = None, limit: int | None = None, need_refs: bool | None = None
+    ) -> list[Example]:
+        """The training rows (or, given ``path``, another file's rows tokenised the same way)."""
         cfg = self.cfg.data
-        rows = load_instruct(cfg.data, limit=cfg.limit) if cfg.data else builtin_prompts()
-        need_refs = (
-            self.cfg.policy in ("ground_truth", "mixed", "adaptive")
-            or self.cfg.train.sft_weight > 0
-        )
+        path, limit = (cfg.data, cfg.limit) if path is None else (path, limit)
+        rows = load_instruct(path, limit=limit) if path else builtin_prompts()
+        if need_refs is None:
+            need_refs = (
+                self.cfg.policy in ("ground_truth", "mixed", "adaptive")
+                or self.cfg.train.sft_weight > 0
+            )
         out, skipped = [], 0
         for r in rows:
             text = build_prompt(r, self.tok, cfg.chat_template)
@@ -311,6 +321,8 @@ class DistillTrainer:
             resp = []
             if r.references:
                 room = cfg.max_total_tokens - len(prompt)
+                if cfg.max_response_tokens is not None:
+                    room = min(room, cfg.max_response_tokens)
                 resp = (
                     self.tok(r.references[0], add_special_tokens=False)["input_ids"] + [self.eos_id]
                 )[:room]
@@ -574,6 +586,8 @@ class DistillTrainer:
         )
         last = {}
         tok_total, time_total = 0, 0.0
+        if self.cfg.policy == "adaptive" and self.best_val is None:
+            self._distillm_schedule()  # the reference: validation loss before training
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             last = self.train_step()
@@ -670,25 +684,44 @@ class DistillTrainer:
             self.tracker.log(_scalars(_flat(row), drop_none=True), step=row.get("step"))
 
     def _distillm_schedule(self) -> None:
-        """DistiLLM's adaptive off-policy: raise the student-data share when validation loss stalls."""
+        """DistiLLM's adaptive off-policy, as its official code does it: the student-data share
+        rises by ``distillm_share_step`` (up to ``distillm_share_max``) when the validation loss
+        is at least ``distillm_eps`` above the loss at the last raise; the first reference is
+        the loss before training (``best_val`` holds the reference)."""
+        r = self.cfg.rollout
         val = self.validation_loss()
-        if self.best_val is not None and val >= self.best_val:
+        if self.best_val is None:
+            self.best_val = val
+        elif val >= self.best_val + r.distillm_eps:
             self.distillm_share = min(
-                self.cfg.rollout.distillm_share_max,
-                self.distillm_share + self.cfg.rollout.distillm_share_step,
+                r.distillm_share_max, self.distillm_share + r.distillm_share_step
             )
-        self.best_val = val if self.best_val is None else min(self.best_val, val)
+            self.best_val = val
         self.log(step=self.step, val_loss=val, student_share=self.distillm_share)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """The method's divergence on the reference responses of a fixed slice of the data."""
+        """The student's mean cross-entropy on the reference responses of the validation rows
+        (``rollout.distillm_val_data``, else the first batch of training rows)."""
         self.student.eval()
-        rows = self.examples[: self.cfg.train.batch_size]
-        ro = self._ground_truth(rows)
-        val = float(self.loss(ro, rows))
+        tot = n = 0.0
+        bs = self.cfg.train.batch_size
+        for i in range(0, len(self.val_examples), bs):
+            rows = self.val_examples[i : i + bs]
+            gt = self._ground_truth(rows)
+            ids, attn, _ = gt.sequences()
+            with self._autocast():
+                logits = self.student(
+                    input_ids=ids.to(self.device),
+                    attention_mask=attn.to(self.device),
+                    position_ids=(attn.cumsum(-1) - 1).clamp_min(0).to(self.device),
+                    logits_to_keep=gt.tokens.shape[1] + 1,
+                ).logits[:, :-1]
+            k = float(gt.mask.sum())
+            ce = sequence_ce(logits.float(), gt.tokens.to(self.device), gt.mask.to(self.device))
+            tot, n = tot + float(ce) * k, n + k
         self.student.train()
-        return val
+        return tot / max(n, 1.0)
 
     @torch.no_grad()
     def evaluate(self, seed: int = 0) -> float:

@@ -1,0 +1,555 @@
+"""SWITCH against its strongest baselines: the fair, powered study (issue 18).
+
+    python benchmarks/kd_study.py grid --phase main            # every missing cell, in order
+    python benchmarks/kd_study.py cell --method switch --seed 0 # one cell
+    python benchmarks/kd_study.py aggregate --doc docs/results.md
+    python benchmarks/kd_study.py cell --method switch --seed 0 --results-dir /tmp/check  # re-create
+
+The 12-step cells of ``kd_repro.py`` stay the pilot they were. This study fixes their protocol
+(docs/methods.md, "The SWITCH study"):
+
+- one token budget for all: rollouts are 64 tokens and references are cut to their first 64
+  tokens (``data.max_response_tokens``), so every method trains on at most 64 response positions
+  per prompt, and every method sees the same 48 x 8 prompts per cell;
+- the chat template everywhere (warm-up, distillation, evaluation, teacher);
+- disjoint rows of ``dolly/dev.jsonl``: warm-up 0-479, distillation 480-935, DistiLLM's
+  validation 936-999 (``runs/kd-study/data/``, written by the first cell);
+- DistiLLM's schedule as its official code: held-out validation loss, eps 0.1, step 0.1, cap 1.0;
+- fp32 throughout (a study never mixes precisions);
+- greedy evaluation on all 500 Dolly-valid and 242 Self-Instruct rows, every row's ROUGE-L and
+  generation length stored, so methods can be compared paired by seed and by row.
+
+A cell is ``benchmarks/results/kd-study/<phase>/<tag>-s<seed>.json``; finished cells are skipped,
+so the study accumulates over runs; each cell records its commit, config and hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kd_repro  # noqa: E402  (the pilot's helpers: commit, share by position, splice)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "kd-study"
+WORK = ROOT / "runs" / "kd-study"
+DOCS = ROOT / "docs"
+DATA = ROOT.parent / "shared" / "data" / "instruct"
+
+LAYERS = 10  # the student: the teacher's first 10 of 30 layers
+ROWS = {"warmup": (0, 480), "distill": (480, 936), "val": (936, 1000)}  # of dolly/dev.jsonl
+WARMUP = {"steps": 60, "batch_size": 8, "lr": 3e-4}
+PHASES = {
+    "main": {
+        "precision": "fp32",
+        "steps": 48,
+        "batch_size": 8,
+        "lr": 5e-5,
+        "max_new_tokens": 64,  # rollouts, and the reference cut
+        "eval_max_new_tokens": 128,
+        "eval_batch_size": 16,
+    },
+}
+PHASES["long"] = {**PHASES["main"], "max_new_tokens": 128, "eval_max_new_tokens": 256}
+BENCHES = {"dolly": DATA / "dolly" / "valid.jsonl", "self-inst": DATA / "self-inst" / "valid.jsonl"}
+# the cells: tag -> (method, config overrides)
+ARMS = {
+    "sft": ("sft", []),
+    "gkd": ("gkd", []),
+    "distillm": ("distillm", []),
+    "switch": ("switch", []),
+    "switch-fast": ("switch", ["rollout.decay=0.05"]),
+}
+PILOT = ["switch", "gkd"]  # the first three seeds of these measure the noise
+PRIMARY = "switch"
+BASELINES = ["gkd", "distillm"]  # SWITCH is compared first with the better of these
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def split_rows() -> dict[str, Path]:
+    """The disjoint row files (deterministic: the same bytes on every machine)."""
+    from lmsmith.runs import write_text
+
+    src = (DATA / "dolly" / "dev.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    out = {}
+    for name, (a, b) in ROWS.items():
+        p = WORK / "data" / f"{name}.jsonl"
+        text = "".join(src[a:b])
+        if not p.exists() or p.read_text(encoding="utf-8") != text:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            write_text(p, text)
+        out[name] = p
+    return out
+
+
+# ------------------------------------------------------------------------------- cells
+
+
+def _lm():
+    from lmsmith.models import load_lm
+
+    return load_lm("smollm2-135m-instruct")
+
+
+def warmup(teacher, tok, files: dict[str, Path]) -> Path:
+    """The SFT-warmed student every cell starts from (built once, on the warm-up rows only)."""
+    from lmsmith import config as C
+    from lmsmith.distill.config import DistillConfig
+    from lmsmith.distill.trainer import run
+    from lmsmith.models import layer_pruned
+
+    out = WORK / f"warmup-L{LAYERS}"
+    if (out / "student" / "config.json").exists():
+        return out / "student"
+    cfg = C.load(
+        DistillConfig,
+        None,
+        {
+            "method": "sft",
+            "data": str(files["warmup"]),
+            "chat_template": True,
+            "max_steps": WARMUP["steps"],
+            "batch_size": WARMUP["batch_size"],
+            "lr": WARMUP["lr"],
+            "output_dir": str(out),
+            "overwrite": True,
+            "seed": 0,
+            "precision": "fp32",
+            "progress": False,
+        },
+    )
+    run(cfg, teacher, layer_pruned(teacher, LAYERS), tok)
+    return out / "student"
+
+
+def evaluate(model, tok, phase: dict) -> dict:
+    """Greedy ROUGE-L on every row of both benchmarks, with each row's score and length."""
+    from lmsmith.data.instruct import load_instruct
+    from lmsmith.evaluate import EvalConfig, evaluate_rows
+
+    out = {}
+    for name, path in BENCHES.items():
+        cfg = EvalConfig(
+            data=str(path),
+            greedy=True,
+            max_new_tokens=phase["eval_max_new_tokens"],
+            batch_size=phase["eval_batch_size"],
+            engine="lean",
+            precision=phase["precision"],
+            chat_template=True,
+            progress=False,
+        )
+        rows = load_instruct(path)
+        metrics, preds = evaluate_rows(model, tok, rows, cfg)
+        lengths = [len(tok(p["prediction"], add_special_tokens=False)["input_ids"]) for p in preds]
+        out[name] = {
+            "rougeL": metrics["rougeL_mean"],
+            "by_length": metrics["by_length"],
+            "rows": [p["source"] for p in preds],
+            "row_rougeL": [p["rougeL"] for p in preds],
+            "gen_tokens": lengths,
+            "ref_words": [len(r.references[0].split()) for r in rows],
+            "eval_s": metrics["wall_time_s"],
+        }
+    return out
+
+
+def cell_path(results: Path, phase: str, tag: str, seed: int) -> Path:
+    return results / phase / f"{tag}-s{seed}.json"
+
+
+def train_config(tag: str, seed: int, phase_name: str, files: dict[str, Path], extra=()) -> dict:
+    phase = PHASES[phase_name]
+    method, sets = ARMS[tag]
+    values = {
+        "method": method,
+        "data": str(files["distill"]),
+        "chat_template": True,
+        "max_steps": phase["steps"],
+        "batch_size": phase["batch_size"],
+        "lr": phase["lr"],
+        "max_new_tokens": phase["max_new_tokens"],
+        "max_response_tokens": phase["max_new_tokens"],
+        "distillm_val_data": str(files["val"]),
+        "seed": seed,
+        "precision": phase["precision"],
+        "progress": False,
+        "overwrite": True,
+        "output_dir": str(WORK / "runs" / f"{phase_name}-{tag}-s{seed}"),
+    }
+    for kv in [*sets, *extra]:
+        k, v = kv.split("=", 1)
+        values[k] = v
+    return values
+
+
+def cell(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmsmith import config as C
+    from lmsmith.distill.config import DistillConfig
+    from lmsmith.distill.trainer import run
+    from lmsmith.precision import hardware
+    from lmsmith.runs import write_json
+
+    results = Path(args.results_dir) if args.results_dir else RESULTS
+    phase = PHASES[args.phase]
+    tag = args.method
+    path = cell_path(results, args.phase, tag, args.seed)
+    if path.exists():
+        print(f"skip: {path} exists")
+        return 0
+    t0 = time.perf_counter()
+    files = split_rows()
+    teacher, tok = _lm()
+    result: dict = {}
+    if tag == "teacher":
+        result["eval"] = evaluate(teacher, tok, phase)
+    else:
+        start = warmup(teacher, tok, files)
+        student = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+        if tag != "warmup":
+            cfg = C.load(DistillConfig, None, train_config(tag, args.seed, args.phase, files))
+            summary = run(cfg, teacher, student, tok)
+            metrics = [
+                json.loads(x)
+                for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+            ]
+            result["train"] = summary
+            result["config"] = C.to_dict(cfg)
+            result["teacher_share_by_position"] = kd_repro._share_by_position(metrics)
+            result["distillm_share"] = [
+                (m["step"], m["student_share"]) for m in metrics if "val_loss" in m
+            ]
+        result["eval"] = evaluate(student, tok, phase)
+    result.update(
+        tag=tag,
+        seed=args.seed,
+        phase=args.phase,
+        protocol={"phase": phase, "warmup": WARMUP, "rows": ROWS, "layers": LAYERS},
+        wall_time_s=time.perf_counter() - t0,
+        commit=kd_repro._commit(),
+        hardware=hardware(),
+    )
+    write_json(path, result)
+    print(json.dumps({k: round(v["rougeL"], 3) for k, v in result["eval"].items()}), f"→ {path}")
+    return 0
+
+
+def grid_cells(phase: str, seeds: int) -> list[tuple[str, int]]:
+    """Cells in the order they run: the warm-up, the pilot (SWITCH and GKD, three seeds, which
+    measure the noise), the other arms' first seeds, then seed by seed up to ``seeds``; the
+    teacher last (a reference, not a comparison)."""
+    if phase == "long":
+        return [(t, s) for s in range(seeds) for t in ("switch", "best")]
+    cells = [("warmup", 0)]
+    cells += [(t, s) for s in range(3) for t in PILOT]
+    cells += [(t, s) for s in range(3) for t in ARMS if t not in PILOT]
+    cells += [(t, s) for s in range(3, seeds) for t in ARMS]
+    return cells + [("teacher", 0)]
+
+
+def grid(args) -> int:
+    import subprocess
+
+    failed = []
+    logs = WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cells = grid_cells(args.phase, args.seeds)
+    for i, (tag, seed) in enumerate(cells, 1):
+        if tag == "best":
+            tag = best_baseline(load_cells(RESULTS / "main")) or "gkd"
+        done = cell_path(RESULTS, args.phase, tag, seed)
+        print(
+            f"[{i}/{len(cells)}] {tag} s{seed}" + (" (done)" if done.exists() else ""), flush=True
+        )
+        if args.dry_run or done.exists():
+            continue
+        with open(logs / f"{args.phase}-{tag}-s{seed}.log", "w") as log:
+            rc = subprocess.call(
+                [
+                    sys.executable,
+                    __file__,
+                    "cell",
+                    "--phase",
+                    args.phase,
+                    "--method",
+                    tag,
+                    "--seed",
+                    str(seed),
+                ],  # fmt: skip
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if rc:
+            failed.append(f"{tag} s{seed}")
+            print(f"  failed (exit {rc}), log: {logs}/{args.phase}-{tag}-s{seed}.log", flush=True)
+    if failed:
+        print(f"{len(failed)} cells failed:", *failed, sep="\n  ")
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------- analysis
+
+
+def load_cells(folder: Path) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for p in sorted(folder.glob("*.json")):
+        c = json.loads(p.read_text())
+        out.setdefault(c["tag"], {})[c["seed"]] = c
+    return out
+
+
+def row_matrix(cells: dict[int, dict], bench: str, seeds: list[int]) -> list[list[float]]:
+    return [cells[s]["eval"][bench]["row_rougeL"] for s in seeds]
+
+
+def paired_bootstrap(a: list[list[float]], b: list[list[float]], reps: int = 2000, seed: int = 0):
+    """Mean of A − B (×100) over seeds and rows, with a 95% interval from resampling seeds and
+    rows (both paired) and a two-sided bootstrap p-value. ``a``/``b``: seeds × rows."""
+    d = [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+    n_s, n_r = len(d), len(d[0])
+    rng = random.Random(seed)
+    seed_means = [sum(r) / n_r for r in d]
+    est = 100 * sum(seed_means) / n_s
+    boots = []
+    for _ in range(reps):
+        rows = [rng.randrange(n_r) for _ in range(n_r)]
+        ss = [rng.randrange(n_s) for _ in range(n_s)] if n_s > 1 else [0]
+        boots.append(100 * sum(sum(d[s][r] for r in rows) / n_r for s in ss) / len(ss))
+    boots.sort()
+    lo, hi = boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1]
+    # two-sided p: how often the centred bootstrap is at least as far from 0 as the estimate
+    p = sum(abs(x - est) >= abs(est) for x in boots) / reps
+    return est, lo, hi, max(p, 1 / reps)
+
+
+def holm(pvals: dict[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values."""
+    order = sorted(pvals, key=pvals.get)
+    out, run = {}, 0.0
+    for i, k in enumerate(order):
+        run = max(run, min(1.0, (len(order) - i) * pvals[k]))
+        out[k] = run
+    return out
+
+
+def seeds_needed(sd: float, delta: float, power_z: float = 0.8416, alpha_z: float = 1.96) -> int:
+    """Seeds for a paired comparison to detect ``delta`` at 80% power, two-sided 5%, given the
+    standard deviation ``sd`` of the per-seed difference (normal approximation)."""
+    if delta <= 0:
+        return math.inf  # type: ignore[return-value]
+    return max(2, math.ceil(((alpha_z + power_z) * sd / delta) ** 2))
+
+
+def best_baseline(cells: dict[str, dict[int, dict]]) -> str | None:
+    """The better of GKD and DistiLLM by mean greedy ROUGE-L over both benchmarks' rows."""
+    means = {}
+    for t in BASELINES:
+        if cells.get(t):
+            v = [c["eval"][b]["rougeL"] for c in cells[t].values() for b in c["eval"]]
+            means[t] = statistics.fmean(v)
+    return max(means, key=means.get) if means else None
+
+
+def _ms(xs, scale=100.0) -> str:
+    xs = [scale * x for x in xs]
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def aggregate(args) -> int:
+    folder = (Path(args.results_dir) if args.results_dir else RESULTS) / args.phase
+    cells = load_cells(folder)
+    if not cells:
+        print("no cells yet")
+        return 1
+    benches = list(BENCHES)
+    order = ["teacher", "warmup", *ARMS]
+    tags = sorted(cells, key=lambda t: order.index(t) if t in order else len(order))
+    out = [
+        f"**Cells** ({args.phase} phase; greedy ROUGE-L ×100 on all rows, mean ± std over "
+        "training seeds; generation length in tokens, mean over rows and seeds):",
+        "",
+        "| arm | seeds | " + " | ".join(benches) + " | gen tokens (Dolly) | stopped before the cap "
+        "| teacher-written tokens | train s | eval s |",
+        "|---|---|" + "---|" * len(benches) + "---|---|---|---|---|",
+    ]
+    cap = PHASES[args.phase]["eval_max_new_tokens"]
+    for t in tags:
+        cs = list(cells[t].values())
+        gl = [x for c in cs for x in c["eval"]["dolly"]["gen_tokens"]]
+        share = [c["train"]["teacher_token_share"] for c in cs if c.get("train")]
+        share = [x for x in share if x is not None]
+        tr = [c["train"]["wall_time_s"] for c in cs if c.get("train")]
+        ev = [sum(e["eval_s"] for e in c["eval"].values()) for c in cs]
+        cols = [
+            t,
+            str(len(cs)),
+            *(_ms([c["eval"][b]["rougeL"] for c in cs]) for b in benches),
+            f"{statistics.fmean(gl):.1f}",
+            f"{100 * sum(x < cap for x in gl) / len(gl):.0f}%",
+            f"{_ms(share)}%" if share else "–",
+            f"{statistics.fmean(tr):.0f}" if tr else "–",
+            f"{statistics.fmean(ev):.0f}",
+        ]
+        out.append("| " + " | ".join(cols) + " |")
+    # the noise, and the seeds it takes
+    out += ["", "**Noise** (per-seed mean difference, paired by seed, ×100):", ""]
+    pilot = [t for t in PILOT if t in cells]
+    common = sorted(set.intersection(*(set(cells[t]) for t in pilot))) if len(pilot) == 2 else []
+    if len(common) >= 2:
+        out += ["| benchmark | seeds | sd of SWITCH | sd of GKD | sd of the paired difference "
+                "| seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for b in benches:
+            sw = [cells["switch"][s]["eval"][b]["rougeL"] * 100 for s in common]
+            gk = [cells["gkd"][s]["eval"][b]["rougeL"] * 100 for s in common]
+            sd = statistics.stdev([x - y for x, y in zip(sw, gk)])
+            need = " / ".join(str(seeds_needed(sd, d)) for d in (0.4, 0.7, 1.0))
+            out.append(
+                f"| {b} | {len(common)} | {statistics.stdev(sw):.2f} | {statistics.stdev(gk):.2f} "
+                f"| {sd:.2f} | {need} |"
+            )
+    else:
+        out.append("(needs at least two seeds of both SWITCH and GKD)")
+    # the comparisons
+    best = best_baseline(cells)
+    if PRIMARY in cells and best:
+        others = [t for t in ARMS if t not in (PRIMARY, best) and t in cells]
+        out += [
+            "",
+            f"**SWITCH against the other arms** (mean of SWITCH − arm, ×100, paired by seed, 95% "
+            f"bootstrap interval over seeds and rows; p two-sided; the primary comparison is with "
+            f"the better of GKD and DistiLLM, here **{best}**; Holm over the others):",
+            "",
+            "| arm | benchmark | seeds | SWITCH − arm | 95% CI | p | Holm p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for b in benches:
+            res, ps = {}, {}
+            for t in [best, *others]:
+                seeds = sorted(set(cells[PRIMARY]) & set(cells[t]))
+                if not seeds:
+                    continue
+                r = paired_bootstrap(
+                    row_matrix(cells[PRIMARY], b, seeds), row_matrix(cells[t], b, seeds)
+                )
+                res[t] = (len(seeds), *r)
+                if t != best:
+                    ps[t] = r[3]
+            adj = holm(ps)
+            for t, (n, est, lo, hi, p) in res.items():
+                out.append(
+                    f"| {t}{' (primary)' if t == best else ''} | {b} | {n} | {est:+.2f} | "
+                    f"[{lo:+.2f}, {hi:+.2f}] | {p:.3f} | "
+                    + ("–" if t == best else f"{adj[t]:.3f}")
+                    + " |"
+                )
+        out += _by_length(cells, best)
+    out += _share_table(cells)
+    text = "\n".join(out)
+    print(text)
+    if args.doc:
+        kd_repro._splice(Path(args.doc), f"kd-study-{args.phase}", text)
+    return 0
+
+
+BUCKETS = [(0, 16), (17, 64), (65, 128), (129, 10**9)]
+
+
+def _by_length(cells, best: str) -> list[str]:
+    """SWITCH − best baseline by reference-length bucket (both benchmarks' rows pooled)."""
+    seeds = sorted(set(cells[PRIMARY]) & set(cells[best]))
+    out = [
+        "",
+        f"**By reference length** (words; SWITCH − {best}, ×100, both benchmarks' rows pooled, "
+        "paired by seed and row, 95% bootstrap interval):",
+        "",
+        "| reference words | rows | SWITCH | " + best + " | SWITCH − " + best + " | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lo_w, hi_w in BUCKETS:
+        a, b = [], []
+        for s in seeds:
+            ra, rb = [], []
+            for bench in BENCHES:
+                ea, eb = cells[PRIMARY][s]["eval"][bench], cells[best][s]["eval"][bench]
+                for x, y, w in zip(ea["row_rougeL"], eb["row_rougeL"], ea["ref_words"]):
+                    if lo_w <= w <= hi_w:
+                        ra.append(x)
+                        rb.append(y)
+            a.append(ra)
+            b.append(rb)
+        if not a or not a[0]:
+            continue
+        est, lo, hi, _ = paired_bootstrap(a, b, reps=1000)
+        name = f"{lo_w}–{hi_w}" if hi_w < 10**9 else f">{lo_w - 1}"
+        out.append(
+            f"| {name} | {len(a[0])} | {100 * statistics.fmean(x for r in a for x in r):.2f} | "
+            f"{100 * statistics.fmean(x for r in b for x in r):.2f} | {est:+.2f} | "
+            f"[{lo:+.2f}, {hi:+.2f}] |"
+        )
+    return out
+
+
+def _share_table(cells) -> list[str]:
+    rows = []
+    for t, cs in cells.items():
+        sp = [
+            c["teacher_share_by_position"]
+            for c in cs.values()
+            if c.get("teacher_share_by_position")
+        ]
+        if sp:
+            keys = list(dict.fromkeys(k for s in sp for k in s))
+            rows.append((t, keys, [kd_repro._mean([s.get(k) for s in sp]) for k in keys]))
+    if not rows:
+        return []
+    keys = rows[0][1]
+    out = ["", "**Teacher-written tokens by response position** (mean over steps and seeds):", "",
+           "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]  # fmt: skip
+    for t, ks, vals in rows:
+        d = dict(zip(ks, vals))
+        out.append(
+            f"| {t} | "
+            + " | ".join("–" if d.get(k) is None else f"{100 * d[k]:.1f}%" for k in keys)
+            + " |"
+        )
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cell", help="run one (arm, seed) cell")
+    c.add_argument("--method", required=True, choices=[*ARMS, "teacher", "warmup"])
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--phase", choices=list(PHASES), default="main")
+    c.add_argument("--results-dir", default=None, help="write the cell here instead")
+    g = sub.add_parser("grid", help="run every missing cell of a phase in turn")
+    g.add_argument("--phase", choices=list(PHASES), default="main")
+    g.add_argument("--seeds", type=int, default=6, help="training seeds per arm")
+    g.add_argument("--dry-run", action="store_true", help="list the cells only")
+    a = sub.add_parser("aggregate", help="tables from the stored cells")
+    a.add_argument("--phase", choices=list(PHASES), default="main")
+    a.add_argument("--results-dir", default=None)
+    a.add_argument("--doc", default=None, help="replace the phase's block in this Markdown file")
+    args = ap.parse_args(argv)
+    return {"cell": cell, "grid": grid, "aggregate": aggregate}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

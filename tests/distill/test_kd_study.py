@@ -1,0 +1,121 @@
+"""The SWITCH study's bookkeeping and statistics (benchmarks/kd_study.py)."""
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kd_study.py"
+
+
+@pytest.fixture
+def ks(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("kd_study", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(mod, "WORK", tmp_path / "work")
+    yield mod
+    sys.modules.pop("kd_repro", None)
+
+
+def test_rows_are_disjoint_and_cover_the_budget(ks):
+    spans = sorted(ks.ROWS.values())
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no row in two roles
+    n_distill = ks.ROWS["distill"][1] - ks.ROWS["distill"][0]
+    p = ks.PHASES["main"]
+    assert p["steps"] * p["batch_size"] <= n_distill  # every prompt of a cell is fresh
+    assert ks.WARMUP["steps"] * ks.WARMUP["batch_size"] <= ks.ROWS["warmup"][1]
+
+
+def test_split_rows_writes_the_slices(ks):
+    if not (ks.DATA / "dolly" / "dev.jsonl").is_file():
+        pytest.skip("the shared data is not here")
+    files = ks.split_rows()
+    src = (ks.DATA / "dolly" / "dev.jsonl").read_text().splitlines()
+    for name, (a, b) in ks.ROWS.items():
+        assert files[name].read_text().splitlines() == src[a:b]
+
+
+def test_one_token_budget_and_one_template_for_every_arm(ks, tmp_path):
+    from lmsmith import config as C
+    from lmsmith.distill.config import DistillConfig
+
+    files = {k: tmp_path / f"{k}.jsonl" for k in ks.ROWS}
+    for tag in ks.ARMS:
+        cfg = C.load(DistillConfig, None, ks.train_config(tag, 3, "main", files))
+        assert cfg.data.max_response_tokens == cfg.rollout.max_new_tokens == 64
+        assert cfg.data.chat_template and cfg.train.precision == "fp32" and cfg.train.seed == 3
+        assert cfg.data.data == str(files["distill"])
+    fast = C.load(DistillConfig, None, ks.train_config("switch-fast", 0, "main", files))
+    assert (
+        fast.rollout.decay
+        > C.load(DistillConfig, None, ks.train_config("switch", 0, "main", files)).rollout.decay
+    )
+
+
+def test_grid_runs_the_pilot_first_and_every_arm_for_every_seed(ks):
+    cells = ks.grid_cells("main", 6)
+    assert len(cells) == len(set(cells))
+    assert cells[0] == ("warmup", 0) and cells[-1] == ("teacher", 0)
+    assert cells[1:7] == [(t, s) for s in range(3) for t in ks.PILOT]
+    assert {(t, s) for t in ks.ARMS for s in range(6)} <= set(cells)
+
+
+def test_paired_bootstrap_finds_a_shift_and_not_noise(ks):
+    rng = random.Random(0)
+    base = [[rng.random() for _ in range(200)] for _ in range(4)]
+    same = ks.paired_bootstrap(base, base)
+    assert same[0] == 0 and same[1] <= 0 <= same[2]
+    shifted = [[x + 0.05 for x in r] for r in base]
+    est, lo, hi, p = ks.paired_bootstrap(shifted, base)
+    assert est == pytest.approx(5.0) and lo == pytest.approx(5.0) and p < 0.01
+    noisy = [[x + rng.gauss(0, 0.2) for x in r] for r in base]
+    est, lo, hi, p = ks.paired_bootstrap(noisy, base)
+    assert lo < est < hi and lo < 0 < hi and p > 0.05
+
+
+def test_holm_and_seeds_needed(ks):
+    adj = ks.holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adj == {"a": pytest.approx(0.03), "c": pytest.approx(0.06), "b": pytest.approx(0.06)}
+    assert ks.seeds_needed(1.0, 1.0) == 8  # (1.96 + 0.84)^2 = 7.84
+    assert ks.seeds_needed(0.5, 1.0) == 2 and ks.seeds_needed(1.0, 0.5) == 32
+
+
+def _cell(tag, seed, dolly, si, share=None):
+    def bench(scores):
+        return {"rougeL": sum(scores) / len(scores), "by_length": {}, "rows": [],
+                "row_rougeL": scores, "gen_tokens": [10, 128, 40, 5],
+                "ref_words": [5, 20, 70, 200], "eval_s": 3.0}  # fmt: skip
+
+    c = {"tag": tag, "seed": seed, "eval": {"dolly": bench(dolly), "self-inst": bench(si)}}
+    if share is not None:
+        c["train"] = {"teacher_token_share": share, "wall_time_s": 100.0}
+        c["teacher_share_by_position"] = {"0-15": share / 2, "16-63": share}
+    return c
+
+
+def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
+    folder = tmp_path / "results" / "main"
+    folder.mkdir(parents=True)
+    for s in range(3):
+        for tag, off in (("switch", 0.02), ("gkd", 0.0), ("distillm", -0.01), ("sft", -0.02)):
+            d = [0.1 + off + 0.001 * s, 0.2 + off, 0.3 + off, 0.15 + off]
+            c = _cell(tag, s, d, [x / 2 for x in d], share=0.4 if "switch" in tag else None)
+            (folder / f"{tag}-s{s}.json").write_text(json.dumps(c))
+    doc = tmp_path / "r.md"
+    doc.write_text("x\n<!-- kd-study-main: begin -->\nold\n<!-- kd-study-main: end -->\ny\n")
+    assert (
+        ks.main(["aggregate", "--results-dir", str(tmp_path / "results"), "--doc", str(doc)]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "| gkd (primary) | dolly | 3 | +2.00 |" in text  # GKD beats DistiLLM here
+    assert "| sft | dolly | 3 | +4.00 |" in text
+    assert "sd of the paired difference" in text and "| 0-15 | 16-63 |" in text
+    assert "| switch | 3 | 20.78 ± 0.03 |" in text  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
+    body = doc.read_text()
+    assert body.startswith("x\n") and body.endswith("y\n") and "old" not in body
