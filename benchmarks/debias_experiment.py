@@ -126,7 +126,17 @@ def one(d: Path, title: str) -> str:
             f"share of the top-100 units' score from ambiguous rows: "
             f"{a.get('ambiguous_share_top100_prob', float('nan')):.2f} with α = raw P(ŷ), "
             f"{a.get('ambiguous_share_top100_softmax', float('nan')):.2f} with α = softmax; "
-            f"top-100 overlap between the two: {a['top100_overlap_prob_softmax']:.2f}.",
+            f"top-100 overlap between the two: {a['top100_overlap_prob_softmax']:.2f}"
+            + (
+                " (a share above 1: the disambiguated rows' part of those units' score is negative,"
+                " i.e. the units also carry the skill the score subtracts)."
+                if max(
+                    a.get("ambiguous_share_top100_prob", 0),
+                    a.get("ambiguous_share_top100_softmax", 0),
+                )
+                > 1
+                else "."
+            ),
             "",
         ]
     if g.get("top_k"):

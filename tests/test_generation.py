@@ -286,3 +286,17 @@ def test_fill_row_writes_a_new_prompt_into_a_finished_row():
     att0 = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
     want = fresh(feed, att0, mask.sum(-1, keepdim=True))[keep]
     torch.testing.assert_close(got[keep], want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_repeat_ngram_size_bans_repeats_on_hf_and_is_refused_on_lean(tiny):
+    model, tok = tiny
+    prompts = ["ab", "hello"]
+    plain = generate(model, tok, prompts, max_new_tokens=30, greedy=True)
+    banned = generate(model, tok, prompts, max_new_tokens=30, greedy=True, no_repeat_ngram_size=2)
+    # character-level tokens: a 2-gram ban leaves no repeated pair of characters in the answer
+    for a in banned:
+        pairs = [a[i : i + 2] for i in range(len(a) - 1)]
+        assert len(pairs) == len(set(pairs))
+    assert any(len({a[i : i + 2] for i in range(len(a) - 1)}) < len(a) - 1 for a in plain)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        generate(model, tok, prompts, engine="lean", no_repeat_ngram_size=2)

@@ -39,6 +39,9 @@ class EvalConfig:
     temperature: float = field(1.0, help="sampling temperature")
     top_p: float = field(1.0, help="nucleus sampling mass")
     batch_size: int = field(8, help="prompts generated together")
+    no_repeat_ngram_size: int = field(
+        0, help="forbid repeating any n-gram of this size (hf engine; 0 = off)"
+    )
     engine: Literal["hf", "lean"] = field(
         "hf",
         help="hf: transformers generate in the model's dtype; lean: lmsmith.generation's "
@@ -70,7 +73,7 @@ class EvalConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        check_engine(self.engine, self.top_p, self.precision)
+        check_engine(self.engine, self.top_p, self.precision, self.no_repeat_ngram_size)
         if not self.greedy and not self.seeds:
             raise ValueError("seeds must list at least one seed when sampling")
 
@@ -111,6 +114,7 @@ def evaluate_rows(
             progress=cfg.progress,
             engine=cfg.engine,
             precision=cfg.precision,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         )
         scores = [rouge_l(a, r.references) for a, r in zip(answers, rows)]
         per_seed[seed] = sum(scores) / len(scores)
@@ -133,7 +137,10 @@ def evaluate_rows(
         "data": cfg.data,
         "n_rows": len(rows),
         "decoding": ("greedy" if cfg.greedy else f"sample(T={cfg.temperature}, top_p={cfg.top_p})")
-        + ("" if cfg.engine == "hf" else f", engine={cfg.engine}"),
+        + ("" if cfg.engine == "hf" else f", engine={cfg.engine}")
+        + (
+            f", no_repeat_ngram_size={cfg.no_repeat_ngram_size}" if cfg.no_repeat_ngram_size else ""
+        ),
         "precision": "model dtype" if cfg.engine == "hf" else resolve_precision(cfg.precision),
         "hardware": hardware(),
         "seeds": seeds,

@@ -589,7 +589,9 @@ def sample_rollout(
 # Text in, text out
 
 
-def check_engine(engine: str, top_p: float, precision: str = "auto") -> None:
+def check_engine(
+    engine: str, top_p: float, precision: str = "auto", no_repeat_ngram_size: int = 0
+) -> None:
     """Refuse a decoding setup ``generate`` cannot honour.
 
     Args:
@@ -604,6 +606,12 @@ def check_engine(engine: str, top_p: float, precision: str = "auto") -> None:
         raise ValueError(f"engine must be 'hf' or 'lean', got {engine!r}")
     if engine == "lean" and top_p < 1:
         raise ValueError("engine 'lean' samples from the full distribution: top_p must be 1")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+    if engine == "lean" and no_repeat_ngram_size:
+        raise ValueError(
+            "no_repeat_ngram_size needs engine 'hf' (the lean engine has no n-gram ban)"
+        )
     if engine == "hf" and precision == "bf16":
         raise ValueError(
             "precision bf16 applies to engine 'lean'; engine 'hf' generates in the model's dtype"
@@ -626,6 +634,7 @@ def generate(
     progress: bool = False,
     engine: Engine = "hf",
     precision: Precision = "auto",
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
     """Batched generation with left padding and the KV cache.
 
@@ -652,12 +661,14 @@ def generate(
         progress: show a progress bar.
         engine: ``"hf"`` (transformers ``generate``) or ``"lean"``.
         precision: decode precision of the lean engine (``auto``, ``fp32``, ``bf16``).
+        no_repeat_ngram_size: forbid repeating any n-gram of this size (``hf`` only; 0 = off),
+            as some KD papers' evaluations do.
 
     Returns:
         One answer per prompt, in the order of ``prompts``, decoded without special tokens and
         stripped.
     """
-    check_engine(engine, top_p, precision)
+    check_engine(engine, top_p, precision, no_repeat_ngram_size)
     model.eval()
     device = next(model.parameters()).device
     ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens)[0] for p in prompts]
@@ -706,6 +717,8 @@ def generate(
                 if greedy
                 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             )
+            if no_repeat_ngram_size:
+                kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attn,
