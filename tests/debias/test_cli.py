@@ -142,7 +142,7 @@ def test_testbed_trains_on_a_folder_and_writes_a_model(tiny_dir, tmp_path):
     out = tmp_path / "tb"
     rc = main(["debias", "testbed", "--model", str(tiny_dir), "--data", str(data),
                "--steps", "3", "--batch-size", "2", "--dev-rows", "8", "--train-layers", "1",
-               "--pairs", "false", "--eval-every", "2",
+               "--pairs", "true", "--eval-every", "2",
                "--output-dir", str(out), "--progress", "false"])  # fmt: skip
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
@@ -190,3 +190,10 @@ def test_testbed_pairs_are_the_two_polarities_of_one_context():
         # the answer flips with the question where the context tells; "unknown" both where not
         assert (a.label != b.label) if not a.ambiguous else (a.label == b.label == a.unknown_idx)
     assert training_units(rows, pairs=False) == [[r] for r in rows]
+
+
+def test_testbed_pairs_need_an_even_batch(tiny_dir, tmp_path, capsys):
+    rc = main(["debias", "testbed", "--model", str(tiny_dir), "--data", str(tmp_path),
+               "--pairs", "true", "--batch-size", "3", "--output-dir", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2 and "must be even" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

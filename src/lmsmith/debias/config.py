@@ -248,7 +248,7 @@ class TestbedConfig:
         0.1, help="weight of the gold option's per-token NLL added to the option cross-entropy"
     )
     pairs: bool = field(
-        True,
+        False,
         help="train both question polarities of a context in the same step (the answer flips "
         "with the question, so a pair is solved only by reading it)",
     )
