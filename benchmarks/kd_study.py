@@ -54,7 +54,7 @@ PHASES = {
         "lr": 5e-5,
         "max_new_tokens": 64,  # rollouts, and the reference cut
         "eval_max_new_tokens": 128,
-        "eval_batch_size": 16,
+        "eval_batch_size": 32,
     },
 }
 PHASES["long"] = {**PHASES["main"], "max_new_tokens": 128, "eval_max_new_tokens": 256}
