@@ -158,6 +158,11 @@ def evaluate(model, tok, phase: dict) -> dict:
             "row_rougeL": [p["rougeL"] for p in preds],
             "gen_tokens": lengths,
             "ref_words": [len(r.references[0].split()) for r in rows],
+            # a few answers to read (the scores alone cannot show a degenerate model)
+            "samples": [
+                {"source": p["source"], "prediction": p["prediction"], "rougeL": p["rougeL"]}
+                for p in preds[:8]
+            ],
             "eval_s": metrics["wall_time_s"],
         }
     return out
@@ -315,18 +320,18 @@ def row_matrix(cells: dict[int, dict], bench: str, seeds: list[int]) -> list[lis
 
 
 def paired_bootstrap(a: list[list[float]], b: list[list[float]], reps: int = 2000, seed: int = 0):
-    """Mean of A − B (×100) over seeds and rows, with a 95% interval from resampling seeds and
+    """Mean of A − B (ROUGE-L points) over seeds and rows, with a 95% interval from resampling seeds and
     rows (both paired) and a two-sided bootstrap p-value. ``a``/``b``: seeds × rows."""
     d = [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
     n_s, n_r = len(d), len(d[0])
     rng = random.Random(seed)
     seed_means = [sum(r) / n_r for r in d]
-    est = 100 * sum(seed_means) / n_s
+    est = sum(seed_means) / n_s
     boots = []
     for _ in range(reps):
         rows = [rng.randrange(n_r) for _ in range(n_r)]
         ss = [rng.randrange(n_s) for _ in range(n_s)] if n_s > 1 else [0]
-        boots.append(100 * sum(sum(d[s][r] for r in rows) / n_r for s in ss) / len(ss))
+        boots.append(sum(sum(d[s][r] for r in rows) / n_r for s in ss) / len(ss))
     boots.sort()
     lo, hi = boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1]
     # two-sided p: how often the centred bootstrap is at least as far from 0 as the estimate
@@ -362,7 +367,7 @@ def best_baseline(cells: dict[str, dict[int, dict]]) -> str | None:
     return max(means, key=means.get) if means else None
 
 
-def _ms(xs, scale=100.0) -> str:
+def _ms(xs, scale=1.0) -> str:
     xs = [scale * x for x in xs]
     if not xs:
         return "–"
@@ -381,7 +386,7 @@ def aggregate(args) -> int:
     order = ["teacher", "warmup", *ARMS]
     tags = sorted(cells, key=lambda t: order.index(t) if t in order else len(order))
     out = [
-        f"**Cells** ({args.phase} phase; greedy ROUGE-L ×100 on all rows, mean ± std over "
+        f"**Cells** ({args.phase} phase; greedy ROUGE-L (×100, as `lmsmith eval` reports it) on all rows, mean ± std over "
         "training seeds; generation length in tokens, mean over rows and seeds):",
         "",
         "| arm | seeds | " + " | ".join(benches) + " | gen tokens (Dolly) | stopped before the cap "
@@ -402,21 +407,21 @@ def aggregate(args) -> int:
             *(_ms([c["eval"][b]["rougeL"] for c in cs]) for b in benches),
             f"{statistics.fmean(gl):.1f}",
             f"{100 * sum(x < cap for x in gl) / len(gl):.0f}%",
-            f"{_ms(share)}%" if share else "–",
+            f"{_ms(share, 100)}%" if share else "–",
             f"{statistics.fmean(tr):.0f}" if tr else "–",
             f"{statistics.fmean(ev):.0f}",
         ]
         out.append("| " + " | ".join(cols) + " |")
     # the noise, and the seeds it takes
-    out += ["", "**Noise** (per-seed mean difference, paired by seed, ×100):", ""]
+    out += ["", "**Noise** (ROUGE-L points; per-seed means, paired by seed):", ""]
     pilot = [t for t in PILOT if t in cells]
     common = sorted(set.intersection(*(set(cells[t]) for t in pilot))) if len(pilot) == 2 else []
     if len(common) >= 2:
         out += ["| benchmark | seeds | sd of SWITCH | sd of GKD | sd of the paired difference "
                 "| seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |", "|---|---|---|---|---|---|"]  # fmt: skip
         for b in benches:
-            sw = [cells["switch"][s]["eval"][b]["rougeL"] * 100 for s in common]
-            gk = [cells["gkd"][s]["eval"][b]["rougeL"] * 100 for s in common]
+            sw = [cells["switch"][s]["eval"][b]["rougeL"] for s in common]
+            gk = [cells["gkd"][s]["eval"][b]["rougeL"] for s in common]
             sd = statistics.stdev([x - y for x, y in zip(sw, gk)])
             need = " / ".join(str(seeds_needed(sd, d)) for d in (0.4, 0.7, 1.0))
             out.append(
@@ -431,7 +436,7 @@ def aggregate(args) -> int:
         others = [t for t in ARMS if t not in (PRIMARY, best) and t in cells]
         out += [
             "",
-            f"**SWITCH against the other arms** (mean of SWITCH − arm, ×100, paired by seed, 95% "
+            f"**SWITCH against the other arms** (mean of SWITCH − arm in ROUGE-L points, paired by seed, 95% "
             f"bootstrap interval over seeds and rows; p two-sided; the primary comparison is with "
             f"the better of GKD and DistiLLM, here **{best}**; Holm over the others):",
             "",
@@ -475,7 +480,7 @@ def _by_length(cells, best: str) -> list[str]:
     seeds = sorted(set(cells[PRIMARY]) & set(cells[best]))
     out = [
         "",
-        f"**By reference length** (words; SWITCH − {best}, ×100, both benchmarks' rows pooled, "
+        f"**By reference length** (words; SWITCH − {best} in ROUGE-L points, both benchmarks' rows pooled, "
         "paired by seed and row, 95% bootstrap interval):",
         "",
         "| reference words | rows | SWITCH | " + best + " | SWITCH − " + best + " | 95% CI |",
@@ -498,8 +503,8 @@ def _by_length(cells, best: str) -> list[str]:
         est, lo, hi, _ = paired_bootstrap(a, b, reps=1000)
         name = f"{lo_w}–{hi_w}" if hi_w < 10**9 else f">{lo_w - 1}"
         out.append(
-            f"| {name} | {len(a[0])} | {100 * statistics.fmean(x for r in a for x in r):.2f} | "
-            f"{100 * statistics.fmean(x for r in b for x in r):.2f} | {est:+.2f} | "
+            f"| {name} | {len(a[0])} | {statistics.fmean(x for r in a for x in r):.2f} | "
+            f"{statistics.fmean(x for r in b for x in r):.2f} | {est:+.2f} | "
             f"[{lo:+.2f}, {hi:+.2f}] |"
         )
     return out

@@ -68,13 +68,13 @@ def test_grid_runs_the_pilot_first_and_every_arm_for_every_seed(ks):
 
 def test_paired_bootstrap_finds_a_shift_and_not_noise(ks):
     rng = random.Random(0)
-    base = [[rng.random() for _ in range(200)] for _ in range(4)]
+    base = [[100 * rng.random() for _ in range(200)] for _ in range(4)]
     same = ks.paired_bootstrap(base, base)
     assert same[0] == 0 and same[1] <= 0 <= same[2]
-    shifted = [[x + 0.05 for x in r] for r in base]
+    shifted = [[x + 5.0 for x in r] for r in base]
     est, lo, hi, p = ks.paired_bootstrap(shifted, base)
     assert est == pytest.approx(5.0) and lo == pytest.approx(5.0) and p < 0.01
-    noisy = [[x + rng.gauss(0, 0.2) for x in r] for r in base]
+    noisy = [[x + rng.gauss(0, 20.0) for x in r] for r in base]
     est, lo, hi, p = ks.paired_bootstrap(noisy, base)
     assert lo < est < hi and lo < 0 < hi and p > 0.05
 
@@ -104,7 +104,7 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     folder.mkdir(parents=True)
     for s in range(3):
         for tag, off in (("switch", 0.02), ("gkd", 0.0), ("distillm", -0.01), ("sft", -0.02)):
-            d = [0.1 + off + 0.001 * s, 0.2 + off, 0.3 + off, 0.15 + off]
+            d = [100 * x for x in (0.1 + off + 0.001 * s, 0.2 + off, 0.3 + off, 0.15 + off)]
             c = _cell(tag, s, d, [x / 2 for x in d], share=0.4 if "switch" in tag else None)
             (folder / f"{tag}-s{s}.json").write_text(json.dumps(c))
     doc = tmp_path / "r.md"
