@@ -367,6 +367,21 @@ def best_baseline(cells: dict[str, dict[int, dict]]) -> str | None:
     return max(means, key=means.get) if means else None
 
 
+def copy_baseline() -> dict[str, float]:
+    """ROUGE-L of answering with the prompt itself (instruction, then input): the trivial
+    baseline every arm is read against (Dolly's closed-QA and summarisation rows put much of the
+    answer in the input)."""
+    from lmsmith.data.instruct import load_instruct
+    from lmsmith.metrics.rouge import rouge_l
+
+    out = {}
+    for name, path in BENCHES.items():
+        rows = load_instruct(path)
+        texts = [f"{r.instruction} {r.input or ''}".strip() for r in rows]
+        out[name] = statistics.fmean(rouge_l(t, r.references) for t, r in zip(texts, rows))
+    return out
+
+
 def _ms(xs, scale=1.0) -> str:
     xs = [scale * x for x in xs]
     if not xs:
@@ -412,6 +427,12 @@ def aggregate(args) -> int:
             f"{statistics.fmean(ev):.0f}",
         ]
         out.append("| " + " | ".join(cols) + " |")
+    copy = copy_baseline()
+    out.append(
+        "| *copy the prompt (instruction + input), no model* | – | "
+        + " | ".join(f"{copy[b]:.2f}" for b in benches)
+        + " | – | – | – | – | – |"
+    )
     # the noise, and the seeds it takes
     out += ["", "**Noise** (ROUGE-L points; per-seed means, paired by seed):", ""]
     pilot = [t for t in PILOT if t in cells]
