@@ -82,8 +82,11 @@ def test_paired_bootstrap_finds_a_shift_and_not_noise(ks):
 def test_holm_and_seeds_needed(ks):
     adj = ks.holm({"a": 0.01, "b": 0.04, "c": 0.03})
     assert adj == {"a": pytest.approx(0.03), "c": pytest.approx(0.06), "b": pytest.approx(0.06)}
-    assert ks.seeds_needed(1.0, 1.0) == 8  # (1.96 + 0.84)^2 = 7.84
-    assert ks.seeds_needed(0.5, 1.0) == 2 and ks.seeds_needed(1.0, 0.5) == 32
+    # t quantiles: n = 9 needs (2.306 + 0.889)^2 = 10.2 > 9; n = 10 needs 9.9
+    assert ks.seeds_needed(1.0, 1.0) == 10
+    assert ks.seeds_needed(0.5, 1.0) == 5  # (2.776 + 0.941)^2 / 4 = 3.5 <= 5; n = 4: 4.3 > 4
+    assert ks.seeds_needed(1.0, 0.5) == 32  # past 30 df: 4 x 7.84 = 31.4
+    assert ks.seeds_needed(2.0, 1.0) > ks.seeds_needed(1.0, 1.0)
 
 
 def _cell(tag, seed, dolly, si, share=None):

@@ -249,3 +249,8 @@ def test_distillm_share_follows_the_official_rule(teacher, data, tmp_path, monke
         shares.append(round(t.distillm_share, 6))
     # ref 1.0; 1.05 < 1.1; 1.2 raises (ref 1.2); 1.25 < 1.3; 1.31 raises; 1.0 no; 2.0 → cap 1.0
     assert shares == [0.0, 0.0, 0.4, 0.4, 0.8, 0.8, 1.0]
+
+
+def test_distillm_validation_rows_must_be_positive(data, tmp_path):
+    with pytest.raises(Exception, match="distillm_val_rows"):
+        _cfg(data, tmp_path, "distillm", distillm_val_rows=0)

@@ -129,7 +129,7 @@ def _train(cfg, model, tok, rows, train, units, dev, dev_eval, run_dir, t0) -> d
     bar = tqdm(total=cfg.steps, desc="testbed", disable=not cfg.progress)
     for step in range(cfg.steps):
         per_unit = len(units[0])
-        if len(order) * per_unit < cfg.batch_size:
+        while len(order) * per_unit < cfg.batch_size:
             more = list(range(len(units)))
             rng.shuffle(more)
             order = more + order  # pop() takes from the end: what is left goes first

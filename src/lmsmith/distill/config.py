@@ -119,6 +119,10 @@ class RolloutConfig:
     )
 
     def __post_init__(self):
+        if self.distillm_val_rows < 1:
+            raise ValueError(
+                f"rollout.distillm_val_rows must be >= 1, got {self.distillm_val_rows}"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.student_share <= 1:

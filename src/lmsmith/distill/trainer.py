@@ -73,7 +73,8 @@ POSITION_BUCKETS = [(0, 15), (16, 31), (32, 63), (64, 127), (128, 10**9)]
 RESUME_KEYS = (
     "model.teacher", "model.student", "model.lora_rank", "model.lora_alpha",
     "data.data", "data.limit", "data.max_prompt_tokens", "data.max_total_tokens",
-    "data.chat_template", "data.long_prompts",
+    "data.chat_template", "data.long_prompts", "data.max_response_tokens",
+    "rollout.distillm_val_data", "rollout.distillm_val_rows", "rollout.distillm_eps",
     "train.method", "train.divergence", "train.batch_size", "train.grad_accum", "train.seed",
 )  # fmt: skip
 _STEP = re.compile(r"^step-(\d+)$")
@@ -287,7 +288,8 @@ class DistillTrainer:
     ) -> list[Example]:
         """The training rows (or, given ``path``, another file's rows tokenised the same way)."""
         cfg = self.cfg.data
-        path, limit = (cfg.data, cfg.limit) if path is None else (path, limit)
+        training = path is None
+        path, limit = (cfg.data, cfg.limit) if training else (path, limit)
         rows = load_instruct(path, limit=limit) if path else builtin_prompts()
         if need_refs is None:
             need_refs = (
@@ -334,10 +336,11 @@ class DistillTrainer:
                 len(rows),
                 cfg.max_prompt_tokens,
             )
-        self.n_skipped = skipped
+        if training:
+            self.n_skipped = skipped
         if not out:
             raise UserError(
-                f"no training rows left in {cfg.data or 'the built-in prompts'} "
+                f"no rows left in {path or 'the built-in prompts'} "
                 f"({skipped} prompts longer than {cfg.max_prompt_tokens} tokens)"
             )
         return out
@@ -702,12 +705,15 @@ class DistillTrainer:
     @torch.no_grad()
     def validation_loss(self) -> float:
         """The student's mean cross-entropy on the reference responses of the validation rows
-        (``rollout.distillm_val_data``, else the first batch of training rows)."""
+        (``rollout.distillm_val_data``, else the first batch of training rows). Each process
+        scores its share of the rows and the sums are added up, so every process gets the same
+        value and takes the same decision."""
         self.student.eval()
         tot = n = 0.0
         bs = self.cfg.train.batch_size
-        for i in range(0, len(self.val_examples), bs):
-            rows = self.val_examples[i : i + bs]
+        mine = self.val_examples[self.accelerator.process_index :: self.world]
+        for i in range(0, len(mine), bs):
+            rows = mine[i : i + bs]
             gt = self._ground_truth(rows)
             ids, attn, _ = gt.sequences()
             with self._autocast():
@@ -721,6 +727,7 @@ class DistillTrainer:
             ce = sequence_ce(logits.float(), gt.tokens.to(self.device), gt.mask.to(self.device))
             tot, n = tot + float(ce) * k, n + k
         self.student.train()
+        tot, n = self._sum([tot, n]).tolist()
         return tot / max(n, 1.0)
 
     @torch.no_grad()
