@@ -252,13 +252,13 @@ def cell(args) -> int:
 
 
 def grid_cells(phase: str, seeds: int) -> list[tuple[str, int]]:
-    """Cells in the order they run: the warm-up, the pilot (SWITCH and GKD, three seeds, which
-    measure the noise), the other arms' first seeds, then seed by seed up to ``seeds``; the
+    """Cells in the order they run: the warm-up, the pilot (SWITCH's three seeds, then GKD's:
+    they measure the noise), the other arms' first seeds, then seed by seed up to ``seeds``; the
     teacher last (a reference, not a comparison)."""
     if phase == "long":
         return [(t, s) for s in range(seeds) for t in ("switch", "best")]
     cells = [("warmup", 0)]
-    cells += [(t, s) for s in range(3) for t in PILOT]
+    cells += [(t, s) for t in PILOT for s in range(3)]  # SWITCH's seed spread first
     cells += [(t, s) for s in range(3) for t in ARMS if t not in PILOT]
     cells += [(t, s) for s in range(3, seeds) for t in ARMS]
     return cells + [("teacher", 0)]

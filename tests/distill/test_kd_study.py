@@ -62,7 +62,8 @@ def test_grid_runs_the_pilot_first_and_every_arm_for_every_seed(ks):
     cells = ks.grid_cells("main", 6)
     assert len(cells) == len(set(cells))
     assert cells[0] == ("warmup", 0) and cells[-1] == ("teacher", 0)
-    assert cells[1:7] == [(t, s) for s in range(3) for t in ks.PILOT]
+    assert cells[1:7] == [(t, s) for t in ks.PILOT for s in range(3)]
+    assert cells[1:4] == [("switch", 0), ("switch", 1), ("switch", 2)]  # the seed spread first
     assert {(t, s) for t in ks.ARMS for s in range(6)} <= set(cells)
 
 
