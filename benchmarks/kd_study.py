@@ -469,8 +469,28 @@ def aggregate(args) -> int:
                 f"| {b} | {len(common)} | {statistics.stdev(sw):.2f} | {statistics.stdev(gk):.2f} "
                 f"| {sd:.2f} | {need} |"
             )
+    elif len(cells.get(PRIMARY, {})) >= 2:
+        # one arm's seed spread: the paired difference of two such arms, uncorrelated, has
+        # sd sqrt(2) x theirs (pairing by seed only helps if the arms' seeds correlate)
+        seeds = sorted(cells[PRIMARY])
+        out += ["| benchmark | SWITCH seeds | sd of SWITCH | assumed sd of a difference (√2 ×) "
+                "| seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |", "|---|---|---|---|---|"]  # fmt: skip
+        for b in benches:
+            sd = statistics.stdev(cells[PRIMARY][s]["eval"][b]["rougeL"] for s in seeds)
+            need = " / ".join(str(seeds_needed(math.sqrt(2) * sd, d)) for d in (0.4, 0.7, 1.0))
+            out.append(f"| {b} | {len(seeds)} | {sd:.2f} | {math.sqrt(2) * sd:.2f} | {need} |")
     else:
-        out.append("(needs at least two seeds of both SWITCH and GKD)")
+        out.append("(needs at least two seeds of SWITCH)")
+    # what the fixed evaluation rows alone contribute: the standard error of one cell's mean
+    se = []
+    for t in (PRIMARY, "warmup"):
+        for c in cells.get(t, {}).values():
+            for b in benches:
+                r = c["eval"][b]["row_rougeL"]
+                se.append(f"{t} s{c['seed']} {b}: {statistics.stdev(r) / math.sqrt(len(r)):.2f}")
+    if se:
+        out += ["", "Standard error of one cell's mean over its evaluation rows (what "
+                "resampling rows adds to a comparison): " + "; ".join(se) + "."]  # fmt: skip
     # the comparisons
     best = best_baseline(cells)
     if PRIMARY in cells and best:

@@ -123,3 +123,19 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     assert "| switch | 3 | 20.78 ± 0.03 |" in text  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
     body = doc.read_text()
     assert body.startswith("x\n") and body.endswith("y\n") and "old" not in body
+
+
+def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
+    folder = tmp_path / "results" / "main"
+    folder.mkdir(parents=True)
+    for s, off in enumerate((0.0, 1.0)):  # two SWITCH seeds 1 point apart: sd 0.71
+        d = [10.0 + off, 20.0 + off, 30.0 + off, 15.0 + off]
+        (folder / f"switch-s{s}.json").write_text(json.dumps(_cell("switch", s, d, d, share=0.3)))
+    assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
+    text = capsys.readouterr().out
+    # sd 0.71 -> difference sd 1.00 -> 10 seeds at delta 1.0 (t quantiles)
+    assert "| dolly | 2 | 0.71 | 1.00 | " in text and text.split("| dolly | 2 | 0.71 | 1.00 | ")[
+        1
+    ].startswith("")
+    assert "/ 10 |" in text
+    assert "Standard error of one cell's mean" in text
