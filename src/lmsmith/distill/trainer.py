@@ -340,7 +340,8 @@ class DistillTrainer:
             self.n_skipped = skipped
         if not out:
             raise UserError(
-                f"no rows left in {path or 'the built-in prompts'} "
+                f"no {'training ' if training else ''}rows left in "
+                f"{path or 'the built-in prompts'} "
                 f"({skipped} prompts longer than {cfg.max_prompt_tokens} tokens)"
             )
         return out
