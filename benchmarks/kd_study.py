@@ -157,6 +157,7 @@ def evaluate(model, tok, phase: dict) -> dict:
             "rows": [p["source"] for p in preds],
             "row_rougeL": [p["rougeL"] for p in preds],
             "gen_tokens": lengths,
+            "repeat_share": [repeat_share(p["prediction"]) for p in preds],
             "ref_words": [len(r.references[0].split()) for r in rows],
             # a few answers to read (the scores alone cannot show a degenerate model)
             "samples": [
@@ -166,6 +167,39 @@ def evaluate(model, tok, phase: dict) -> dict:
             "eval_s": metrics["wall_time_s"],
         }
     return out
+
+
+def repeat_share(text: str, n: int = 4) -> float:
+    """Share of the answer's word n-grams that already occurred earlier in it: 0 for an answer
+    that never repeats itself, near 1 for one stuck in a loop ("the fish, a fish, a fish, ...")."""
+    w = text.split()
+    grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+    if not grams:
+        return 0.0
+    seen, rep = set(), 0
+    for g in grams:
+        rep += g in seen
+        seen.add(g)
+    return rep / len(grams)
+
+
+LOOPING = 0.5  # an answer whose repeat_share is above this is a loop
+DEGENERATE = 0.5  # an arm whose answers loop this often is degenerate
+
+
+def looping_rate(cell: dict) -> tuple[float | None, str]:
+    """Share of a cell's answers that loop, from every row (or from its 8 samples in cells
+    written before per-row repetition was stored; None if it has neither)."""
+    rows, src = [], "rows"
+    for e in cell["eval"].values():
+        if "repeat_share" in e:
+            rows += e["repeat_share"]
+        elif e.get("samples"):
+            rows += [repeat_share(x["prediction"]) for x in e["samples"]]
+            src = "samples"
+    if not rows:
+        return None, "none"
+    return sum(r > LOOPING for r in rows) / len(rows), src
 
 
 def cell_path(results: Path, phase: str, tag: str, seed: int) -> Path:
@@ -271,6 +305,18 @@ def grid(args) -> int:
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(args.phase, args.seeds)
+    start = cell_path(RESULTS, "main", "warmup", 0)
+    if start.exists() and not args.force:
+        rate, src = looping_rate(json.loads(start.read_text()))
+        if rate is None or rate >= DEGENERATE:
+            print(
+                f"refused: the warm-up student's answers loop ({rate if rate is None else f'{rate:.0%}'}"
+                f" of {src}; or its cell predates the check): distillation from a degenerate "
+                "start cannot rank methods. Strengthen the warm-up, delete "
+                f"{start} and rerun, or pass --force",
+                file=sys.stderr,
+            )
+            return 2
     for i, (tag, seed) in enumerate(cells, 1):
         if tag == "best":
             tag = best_baseline(load_cells(RESULTS / "main"))
@@ -387,6 +433,21 @@ def best_baseline(cells: dict[str, dict[int, dict]]) -> str | None:
     return max(means, key=means.get) if means else None
 
 
+def looping(cs) -> float | None:
+    rates = [looping_rate(c)[0] for c in cs]
+    rates = [r for r in rates if r is not None]
+    return statistics.fmean(rates) if rates else None
+
+
+def loop_text(cs) -> str:
+    rates = [looping_rate(c) for c in cs]
+    got = [r for r, _ in rates if r is not None]
+    if not got:
+        return "–"
+    note = " (8 samples)" if any(src == "samples" for _, src in rates) else ""
+    return f"{100 * statistics.fmean(got):.0f}%{note}"
+
+
 def copy_baseline() -> dict[str, float]:
     """ROUGE-L of answering with the prompt itself (instruction, then input): the trivial
     baseline every arm is read against (Dolly's closed-QA and summarisation rows put much of the
@@ -425,8 +486,8 @@ def aggregate(args) -> int:
         "training seeds; generation length in tokens, mean over rows and seeds):",
         "",
         "| arm | seeds | " + " | ".join(benches) + " | gen tokens (Dolly) | stopped before the cap "
-        "| teacher-written tokens | train s | eval s |",
-        "|---|---|" + "---|" * len(benches) + "---|---|---|---|---|",
+        "| looping answers | teacher-written tokens | train s | eval s |",
+        "|---|---|" + "---|" * len(benches) + "---|---|---|---|---|---|",
     ]
     cap = PHASES[args.phase]["eval_max_new_tokens"]
     for t in tags:
@@ -442,6 +503,7 @@ def aggregate(args) -> int:
             *(_ms([c["eval"][b]["rougeL"] for c in cs]) for b in benches),
             f"{statistics.fmean(gl):.1f}",
             f"{100 * sum(x < cap for x in gl) / len(gl):.0f}%",
+            loop_text(cs),
             f"{_ms(share, 100)}%" if share else "–",
             f"{statistics.fmean(tr):.0f}" if tr else "–",
             f"{statistics.fmean(ev):.0f}",
@@ -451,8 +513,16 @@ def aggregate(args) -> int:
     out.append(
         "| *copy the prompt (instruction + input), no model* | – | "
         + " | ".join(f"{copy[b]:.2f}" for b in benches)
-        + " | – | – | – | – | – |"
+        + " | – | – | – | – | – | – |"
     )
+    bad = [t for t in tags if (looping(cells[t].values()) or 0) >= DEGENERATE]
+    if bad:
+        out += [
+            "",
+            f"**DEGENERATE: {', '.join(bad)}** — at least {DEGENERATE:.0%} of their answers loop "
+            f"(over {LOOPING:.0%} of an answer's word 4-grams repeat earlier ones). Differences "
+            "between such arms do not rank distillation methods.",
+        ]
     # the noise, and the seeds it takes
     out += ["", "**Noise** (ROUGE-L points; per-seed means, paired by seed):", ""]
     pilot = [t for t in PILOT if t in cells]
@@ -609,6 +679,7 @@ def main(argv=None) -> int:
     g.add_argument("--phase", choices=list(PHASES), default="main")
     g.add_argument("--seeds", type=int, default=6, help="training seeds per arm")
     g.add_argument("--dry-run", action="store_true", help="list the cells only")
+    g.add_argument("--force", action="store_true", help="run even from a degenerate warm-up")
     a = sub.add_parser("aggregate", help="tables from the stored cells")
     a.add_argument("--phase", choices=list(PHASES), default="main")
     a.add_argument("--results-dir", default=None)

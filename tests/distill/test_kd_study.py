@@ -139,3 +139,24 @@ def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
     ].startswith("")
     assert "/ 10 |" in text
     assert "Standard error of one cell's mean" in text
+
+
+def test_looping_answers_are_found_and_a_degenerate_start_is_refused(ks, tmp_path, capsys):
+    assert ks.repeat_share("The capital of France is Paris.") == 0.0
+    loop = "the fish, a fish, " * 20
+    assert ks.repeat_share(loop) > 0.9
+    warm = _cell("warmup", 0, [1.0] * 4, [1.0] * 4)
+    for e in warm["eval"].values():
+        e["repeat_share"] = [0.95, 0.9, 0.8, 0.0]  # 3 of 4 answers loop
+    assert ks.looping_rate(warm) == (0.75, "rows")
+    folder = tmp_path / "results" / "main"
+    folder.mkdir(parents=True)
+    (folder / "warmup-s0.json").write_text(json.dumps(warm))
+    assert ks.main(["grid", "--dry-run"]) == 2  # refuses before running anything
+    assert "warm-up student's answers loop (75%" in capsys.readouterr().err
+    assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
+    assert "**DEGENERATE: warmup**" in capsys.readouterr().out
+    for e in warm["eval"].values():
+        e["repeat_share"] = [0.0, 0.1, 0.0, 0.9]
+    (folder / "warmup-s0.json").write_text(json.dumps(warm))
+    assert ks.main(["grid", "--dry-run"]) == 0
