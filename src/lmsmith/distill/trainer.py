@@ -560,19 +560,24 @@ class DistillTrainer:
             if counts is not None:  # the masked mean → its share of the global mean
                 loss = loss * (int(ro.mask.sum()) / max(counts[0], 1.0))
             if cfg.train.sft_weight > 0:
-                gt = self._ground_truth(batch)
-                g_ids, g_attn, _ = gt.sequences()
-                g_logits = self.student(
-                    input_ids=g_ids.to(self.device),
-                    attention_mask=g_attn.to(self.device),
-                    position_ids=(g_attn.cumsum(-1) - 1).clamp_min(0).to(self.device),
-                    logits_to_keep=gt.tokens.shape[1] + 1,
-                ).logits[:, :-1]
-                ce = sequence_ce(g_logits, gt.tokens.to(self.device), gt.mask.to(self.device))
+                ce, gt = self._reference_ce(batch)
                 if counts is not None:
                     ce = ce * (int(gt.mask.sum()) / max(counts[1], 1.0))
                 loss = loss + cfg.train.sft_weight * ce
         return loss
+
+    def _reference_ce(self, batch: list[Example]) -> tuple[torch.Tensor, Rollout]:
+        """The student's mean cross-entropy on the batch's reference responses, and those
+        references as a rollout."""
+        gt = self._ground_truth(batch)
+        ids, attn, _ = gt.sequences()
+        logits = self.student(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            position_ids=(attn.cumsum(-1) - 1).clamp_min(0).to(self.device),
+            logits_to_keep=gt.tokens.shape[1] + 1,
+        ).logits[:, :-1]
+        return sequence_ce(logits, gt.tokens.to(self.device), gt.mask.to(self.device)), gt
 
     def _autocast(self):
         enabled = self.precision == "bf16"
@@ -714,18 +719,9 @@ class DistillTrainer:
         bs = self.cfg.train.batch_size
         mine = self.val_examples[self.accelerator.process_index :: self.world]
         for i in range(0, len(mine), bs):
-            rows = mine[i : i + bs]
-            gt = self._ground_truth(rows)
-            ids, attn, _ = gt.sequences()
             with self._autocast():
-                logits = self.student(
-                    input_ids=ids.to(self.device),
-                    attention_mask=attn.to(self.device),
-                    position_ids=(attn.cumsum(-1) - 1).clamp_min(0).to(self.device),
-                    logits_to_keep=gt.tokens.shape[1] + 1,
-                ).logits[:, :-1]
+                ce, gt = self._reference_ce(mine[i : i + bs])
             k = float(gt.mask.sum())
-            ce = sequence_ce(logits.float(), gt.tokens.to(self.device), gt.mask.to(self.device))
             tot, n = tot + float(ce) * k, n + k
         self.student.train()
         tot, n = self._sum([tot, n]).tolist()
