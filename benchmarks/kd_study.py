@@ -43,9 +43,14 @@ WORK = ROOT / "runs" / "kd-study"
 DOCS = ROOT / "docs"
 DATA = ROOT.parent / "shared" / "data" / "instruct"
 
-LAYERS = 10  # the student: 10 of the teacher's 30 layers, evenly spaced (first and last kept)
+# the student: 20 of the teacher's 30 layers, evenly spaced (first and last kept). Not 10: the
+# warm-up probe (docs/results.md) could not make a 10- or 15-layer cut a working language model
+# from the 480 warm-up rows (its greedy answers loop); 20 layers after 60 SFT steps can.
+LAYERS = 20
 ROWS = {"warmup": (0, 480), "distill": (480, 936), "val": (936, 1000)}  # of dolly/dev.jsonl
-WARMUP = {"steps": 60, "batch_size": 8, "lr": 3e-4}
+# the warm-up every cell starts from (SFT on the warm-up rows, references cut like the study's);
+# its folder is named by this recipe, so a changed recipe never reuses an old student
+WARMUP = {"method": "sft", "steps": 60, "batch_size": 8, "lr": 5e-4, "max_response_tokens": 64}
 PHASES = {
     "main": {
         "precision": "fp32",
@@ -100,6 +105,14 @@ def _lm():
     return load_lm("smollm2-135m-instruct")
 
 
+def warmup_name() -> str:
+    """The warm-up's folder: the student's size and a digest of the recipe."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(WARMUP, sort_keys=True).encode()).hexdigest()[:8]
+    return f"warmup-L{LAYERS}-{digest}"
+
+
 def warmup(teacher, tok, files: dict[str, Path]) -> Path:
     """The SFT-warmed student every cell starts from (built once, on the warm-up rows only)."""
     from lmsmith import config as C
@@ -107,14 +120,15 @@ def warmup(teacher, tok, files: dict[str, Path]) -> Path:
     from lmsmith.distill.trainer import run
     from lmsmith.models import layer_pruned
 
-    out = WORK / f"warmup-L{LAYERS}"
+    out = WORK / warmup_name()
     if (out / "student" / "config.json").exists():
         return out / "student"
     cfg = C.load(
         DistillConfig,
         None,
         {
-            "method": "sft",
+            "method": WARMUP["method"],
+            "max_response_tokens": WARMUP["max_response_tokens"],
             "data": str(files["warmup"]),
             "chat_template": True,
             "max_steps": WARMUP["steps"],
@@ -169,6 +183,50 @@ def evaluate(model, tok, phase: dict) -> dict:
     return out
 
 
+SAMPLED = {"seeds": [10, 20, 30, 40, 50], "temperature": 1.0, "top_p": 1.0, "rows": 100}
+
+
+def evaluate_sampled(model, tok, phase: dict, rows_per_bench: int, no_repeat: int) -> dict:
+    """The secondary protocol (the KD benchmark's, as MiniLLM/DistiLLM report): ROUGE-L of
+    answers sampled at T = 1 with five seeds on each benchmark's first rows; per-seed means and
+    each row's mean over the seeds."""
+    from lmsmith.data.instruct import load_instruct
+    from lmsmith.evaluate import EvalConfig, evaluate_rows
+
+    out = {}
+    for name, path in BENCHES.items():
+        cfg = EvalConfig(
+            data=str(path),
+            seeds=SAMPLED["seeds"],
+            temperature=SAMPLED["temperature"],
+            top_p=SAMPLED["top_p"],
+            max_new_tokens=phase["eval_max_new_tokens"],
+            batch_size=phase["eval_batch_size"],
+            # the lean engine samples the same distribution faster; n-gram blocking is hf's
+            engine="hf" if no_repeat else "lean",
+            precision=phase["precision"],
+            no_repeat_ngram_size=no_repeat,
+            chat_template=True,
+            progress=False,
+        )
+        rows = load_instruct(path, limit=rows_per_bench)
+        metrics, preds = evaluate_rows(model, tok, rows, cfg)
+        per_row: dict[str, list[float]] = {}
+        for p in preds:
+            per_row.setdefault(p["source"], []).append(p["rougeL"])
+        out[name] = {
+            "rougeL": metrics["rougeL_mean"],
+            "rougeL_std_over_sampling_seeds": metrics["rougeL_std"],
+            "per_seed": metrics["rougeL_per_seed"],
+            "rows": list(per_row),
+            "row_rougeL": [statistics.fmean(v) for v in per_row.values()],
+            "repeat_share": [repeat_share(p["prediction"]) for p in preds],
+            "decoding": metrics["decoding"],
+            "eval_s": metrics["wall_time_s"],
+        }
+    return out
+
+
 def repeat_share(text: str, n: int = 4) -> float:
     """Share of the answer's word n-grams that already occurred earlier in it: 0 for an answer
     that never repeats itself, near 1 for one stuck in a loop ("the fish, a fish, a fish, ...")."""
@@ -200,6 +258,25 @@ def looping_rate(cell: dict) -> tuple[float | None, str]:
     if not rows:
         return None, "none"
     return sum(r > LOOPING for r in rows) / len(rows), src
+
+
+def protocol(phase_name: str, tag: str) -> dict:
+    """What a cell's result depends on besides its arm and seed (the teacher: its phase only)."""
+    if tag == "teacher":
+        return {"phase": PHASES[phase_name]}
+    return {"phase": PHASES[phase_name], "warmup": WARMUP, "rows": ROWS, "layers": LAYERS}
+
+
+def stale_cells(folder: Path, phase_name: str) -> list[str]:
+    """Cells in ``folder`` whose recorded protocol differs from the current one."""
+    out = []
+    for p in sorted(folder.glob("*.json")):
+        c = json.loads(p.read_text())
+        want = json.loads(json.dumps(protocol(phase_name, c["tag"])))  # tuples -> lists
+        got = {k: c.get("protocol", {}).get(k) for k in want}
+        if got != want:
+            out.append(str(p))
+    return out
 
 
 def cell_path(results: Path, phase: str, tag: str, seed: int) -> Path:
@@ -275,11 +352,67 @@ def cell(args) -> int:
         tag=tag,
         seed=args.seed,
         phase=args.phase,
-        protocol={"phase": phase, "warmup": WARMUP, "rows": ROWS, "layers": LAYERS},
+        protocol=protocol(args.phase, tag),
+        warmup_folder=None if tag == "teacher" else warmup_name(),
         wall_time_s=time.perf_counter() - t0,
         commit=kd_repro._commit(),
         hardware=hardware(),
     )
+    write_json(path, result)
+    print(json.dumps({k: round(v["rougeL"], 3) for k, v in result["eval"].items()}), f"→ {path}")
+    return 0
+
+
+def cell_model(phase_name: str, tag: str, seed: int, teacher, tok):
+    """The model a stored cell evaluated: the teacher, the warm-up student, or the arm's
+    trained student kept in its run folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if tag == "teacher":
+        return teacher
+    if tag == "warmup":
+        folder = WORK / warmup_name() / "student"
+    else:
+        folder = WORK / "runs" / f"{phase_name}-{tag}-s{seed}" / "student"
+    if not (folder / "config.json").exists():
+        raise SystemExit(
+            f"no trained model at {folder}: run `kd_study.py cell --method {tag} --seed {seed}` "
+            "on this machine first"
+        )
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def sampled(args) -> int:
+    """Score a finished cell's model under the secondary (sampled) protocol."""
+    from lmsmith.precision import hardware
+    from lmsmith.runs import write_json
+
+    results = Path(args.results_dir) if args.results_dir else RESULTS
+    primary = cell_path(results, args.phase, args.method, args.seed)
+    if not primary.exists():
+        raise SystemExit(f"{primary} does not exist: the greedy cell comes first")
+    c = json.loads(primary.read_text())
+    if c.get("protocol") != json.loads(json.dumps(protocol(args.phase, args.method))):
+        raise SystemExit(f"{primary} was made under another protocol; rerun it first")
+    path = cell_path(results, f"{args.phase}-sampled", args.method, args.seed)
+    if path.exists():
+        print(f"skip: {path} exists")
+        return 0
+    t0 = time.perf_counter()
+    teacher, tok = _lm()
+    model = cell_model(args.phase, args.method, args.seed, teacher, tok)
+    result = {
+        "eval": evaluate_sampled(model, tok, PHASES[args.phase], args.rows, args.no_repeat),
+        "tag": args.method,
+        "seed": args.seed,
+        "phase": args.phase,
+        "protocol": protocol(args.phase, args.method),
+        "sampled": {**SAMPLED, "rows": args.rows, "no_repeat_ngram_size": args.no_repeat},
+        "wall_time_s": time.perf_counter() - t0,
+        "commit": kd_repro._commit(),
+        "hardware": hardware(),
+    }
     write_json(path, result)
     print(json.dumps({k: round(v["rougeL"], 3) for k, v in result["eval"].items()}), f"→ {path}")
     return 0
@@ -298,6 +431,25 @@ def grid_cells(phase: str, seeds: int) -> list[tuple[str, int]]:
     return cells + [("teacher", 0)]
 
 
+def degenerate_start() -> bool:
+    """True (and says why) when the warm-up cell exists and its answers loop: distilling from a
+    degenerate start cannot rank methods."""
+    start = cell_path(RESULTS, "main", "warmup", 0)
+    if not start.exists():
+        return False
+    rate, src = looping_rate(json.loads(start.read_text()))
+    if rate is not None and rate < DEGENERATE:
+        return False
+    shown = "unknown" if rate is None else f"{rate:.0%}"
+    print(
+        f"refused: the warm-up student's answers loop ({shown} of {src}; or its cell predates "
+        "the check): distillation from a degenerate start cannot rank methods. Strengthen the "
+        f"warm-up, delete {start} and rerun, or pass --force",
+        file=sys.stderr,
+    )
+    return True
+
+
 def grid(args) -> int:
     import subprocess
 
@@ -305,18 +457,19 @@ def grid(args) -> int:
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(args.phase, args.seeds)
-    start = cell_path(RESULTS, "main", "warmup", 0)
-    if start.exists() and not args.force:
-        rate, src = looping_rate(json.loads(start.read_text()))
-        if rate is None or rate >= DEGENERATE:
-            print(
-                f"refused: the warm-up student's answers loop ({rate if rate is None else f'{rate:.0%}'}"
-                f" of {src}; or its cell predates the check): distillation from a degenerate "
-                "start cannot rank methods. Strengthen the warm-up, delete "
-                f"{start} and rerun, or pass --force",
-                file=sys.stderr,
-            )
-            return 2
+    stale = stale_cells(RESULTS / args.phase, args.phase)
+    if stale and not args.force:
+        print(
+            "refused: these cells were made under another protocol (warm-up recipe, rows, "
+            "student size or phase settings differ from kd_study.py's); a study cannot mix "
+            "them. Move them out of the folder (or pass --force):",
+            *stale,
+            sep="\n  ",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.force and degenerate_start():
+        return 2
     for i, (tag, seed) in enumerate(cells, 1):
         if tag == "best":
             tag = best_baseline(load_cells(RESULTS / "main"))
@@ -329,6 +482,8 @@ def grid(args) -> int:
         )
         if args.dry_run or done.exists():
             continue
+        if tag not in ("warmup", "teacher") and not args.force and degenerate_start():
+            return 2  # the warm-up cell this run just made failed the check
         with open(logs / f"{args.phase}-{tag}-s{seed}.log", "w") as log:
             rc = subprocess.call(
                 [
@@ -596,6 +751,7 @@ def aggregate(args) -> int:
                 )
         out += _by_length(cells, best)
     out += _share_table(cells)
+    out += _sampled_table(folder.parent / f"{args.phase}-sampled")
     text = "\n".join(out)
     print(text)
     if args.doc:
@@ -641,6 +797,42 @@ def _by_length(cells, best: str) -> list[str]:
     return out
 
 
+def _sampled_table(folder: Path) -> list[str]:
+    """The secondary protocol's table: sampled ROUGE-L (five sampling seeds) per arm."""
+    cells = load_cells(folder) if folder.is_dir() else {}
+    if not cells:
+        return []
+    order = ["teacher", "warmup", *ARMS]
+    tags = sorted(cells, key=lambda t: order.index(t) if t in order else len(order))
+    benches = list(BENCHES)
+    first = next(iter(next(iter(cells.values())).values()))
+    cfg = first["sampled"]
+    out = [
+        "",
+        f"**Secondary protocol** (sampled, T = {cfg['temperature']}, top-p {cfg['top_p']}, "
+        f"sampling seeds {', '.join(map(str, cfg['seeds']))}; the first {cfg['rows']} rows of "
+        "each benchmark; ROUGE-L ×100, mean over sampling seeds, then mean ± std over training "
+        "seeds; looping answers over all samples):",
+        "",
+        "| arm | training seeds | "
+        + " | ".join(benches)
+        + " | looping answers | no-repeat n-gram |",
+        "|---|---|" + "---|" * len(benches) + "---|---|",
+    ]
+    for t in tags:
+        cs = list(cells[t].values())
+        reps = [x for c in cs for e in c["eval"].values() for x in e["repeat_share"]]
+        nr = sorted({c["sampled"]["no_repeat_ngram_size"] for c in cs})
+        out.append(
+            f"| {t} | {len(cs)} | "
+            + " | ".join(_ms([c["eval"][b]["rougeL"] for c in cs]) for b in benches)
+            + f" | {100 * sum(r > LOOPING for r in reps) / len(reps):.0f}% | "
+            + ", ".join(str(n) if n else "off" for n in nr)
+            + " |"
+        )
+    return out
+
+
 def _share_table(cells) -> list[str]:
     rows = []
     for t, cs in cells.items():
@@ -680,12 +872,21 @@ def main(argv=None) -> int:
     g.add_argument("--seeds", type=int, default=6, help="training seeds per arm")
     g.add_argument("--dry-run", action="store_true", help="list the cells only")
     g.add_argument("--force", action="store_true", help="run even from a degenerate warm-up")
+    sp = sub.add_parser("sampled", help="score a finished cell's model by the sampled protocol")
+    sp.add_argument("--method", required=True, choices=[*ARMS, "teacher", "warmup"])
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--phase", choices=list(PHASES), default="main")
+    sp.add_argument(
+        "--rows", type=int, default=SAMPLED["rows"], help="first N rows of each benchmark"
+    )
+    sp.add_argument("--no-repeat", type=int, default=0, help="no_repeat_ngram_size (0 = off)")
+    sp.add_argument("--results-dir", default=None)
     a = sub.add_parser("aggregate", help="tables from the stored cells")
     a.add_argument("--phase", choices=list(PHASES), default="main")
     a.add_argument("--results-dir", default=None)
     a.add_argument("--doc", default=None, help="replace the phase's block in this Markdown file")
     args = ap.parse_args(argv)
-    return {"cell": cell, "grid": grid, "aggregate": aggregate}[args.cmd](args)
+    return {"cell": cell, "grid": grid, "sampled": sampled, "aggregate": aggregate}[args.cmd](args)
 
 
 if __name__ == "__main__":

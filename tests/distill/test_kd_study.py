@@ -146,6 +146,7 @@ def test_looping_answers_are_found_and_a_degenerate_start_is_refused(ks, tmp_pat
     loop = "the fish, a fish, " * 20
     assert ks.repeat_share(loop) > 0.9
     warm = _cell("warmup", 0, [1.0] * 4, [1.0] * 4)
+    warm["protocol"] = ks.protocol("main", "warmup")
     for e in warm["eval"].values():
         e["repeat_share"] = [0.95, 0.9, 0.8, 0.0]  # 3 of 4 answers loop
     assert ks.looping_rate(warm) == (0.75, "rows")
@@ -160,3 +161,62 @@ def test_looping_answers_are_found_and_a_degenerate_start_is_refused(ks, tmp_pat
         e["repeat_share"] = [0.0, 0.1, 0.0, 0.9]
     (folder / "warmup-s0.json").write_text(json.dumps(warm))
     assert ks.main(["grid", "--dry-run"]) == 0
+
+
+def test_a_new_warmup_recipe_gets_a_new_folder_and_old_cells_are_refused(ks, tmp_path, capsys):
+    name = ks.warmup_name()
+    assert name.startswith(f"warmup-L{ks.LAYERS}-")
+    old = json.loads(json.dumps(ks.protocol("main", "switch")))
+    ks.WARMUP = {**ks.WARMUP, "steps": ks.WARMUP["steps"] + 1}
+    assert ks.warmup_name() != name  # a changed recipe never reuses the old student
+    folder = tmp_path / "results" / "main"
+    folder.mkdir(parents=True)
+    stale = _cell("switch", 0, [1.0] * 4, [1.0] * 4)
+    stale["protocol"] = old
+    (folder / "switch-s0.json").write_text(json.dumps(stale))
+    teacher = _cell("teacher", 0, [1.0] * 4, [1.0] * 4)
+    teacher["protocol"] = {"phase": ks.PHASES["main"], "warmup": "anything"}
+    (folder / "teacher-s0.json").write_text(json.dumps(teacher))  # the warm-up is not its input
+    assert ks.stale_cells(folder, "main") == [str(folder / "switch-s0.json")]
+    assert ks.main(["grid", "--dry-run"]) == 2
+    assert "switch-s0.json" in capsys.readouterr().err
+    stale["protocol"] = ks.protocol("main", "switch")
+    (folder / "switch-s0.json").write_text(json.dumps(stale))
+    assert ks.stale_cells(folder, "main") == []
+
+
+def test_sampled_protocol_table_and_its_preconditions(ks, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="greedy cell comes first"):
+        ks.main(["sampled", "--method", "gkd", "--results-dir", str(tmp_path / "results")])
+    folder = tmp_path / "results" / "main-sampled"
+    folder.mkdir(parents=True)
+    for s, v in enumerate((10.0, 12.0)):
+        c = {"tag": "gkd", "seed": s, "sampled": {**ks.SAMPLED, "no_repeat_ngram_size": 0}}
+        c["eval"] = {b: {"rougeL": v, "repeat_share": [0.9, 0.0, 0.0, 0.0]} for b in ks.BENCHES}
+        (folder / f"gkd-s{s}.json").write_text(json.dumps(c))
+    lines = ks._sampled_table(folder)
+    assert "sampling seeds 10, 20, 30, 40, 50" in lines[1]
+    assert "| gkd | 2 | 11.00 ± 1.41 | 11.00 ± 1.41 | 25% | off |" in lines
+
+
+def test_grid_stops_when_the_warmup_it_just_made_loops(ks, tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    made = []
+
+    def fake_call(cmd, **kw):  # stands in for running one cell
+        tag, seed = cmd[cmd.index("--method") + 1], int(cmd[cmd.index("--seed") + 1])
+        made.append((tag, seed))
+        c = _cell(tag, seed, [1.0] * 4, [1.0] * 4)
+        c["protocol"] = ks.protocol("main", tag)
+        for e in c["eval"].values():
+            e["repeat_share"] = [0.9, 0.9, 0.9, 0.0]
+        path = ks.cell_path(ks.RESULTS, "main", tag, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(c))
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    assert ks.main(["grid", "--seeds", "3"]) == 2
+    assert made == [("warmup", 0)]  # no distillation cell from the degenerate start
+    assert "warm-up student's answers loop (75%" in capsys.readouterr().err
