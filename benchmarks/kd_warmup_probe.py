@@ -5,9 +5,9 @@
         --data runs/kd-study/data/warmup-teacher.jsonl --response-tokens 128
 
 Trains a fresh ``layer_pruned`` student on the SWITCH study's warm-up rows (``kd_study.py``
-writes them: ``runs/kd-study/data/warmup.jsonl``) with a plain loop (AdamW, batch 8, clip 1,
-chat template, each reference cut to its first N tokens after the EOS is appended, as the
-trainer cuts it), and every ``--every`` steps prints a JSON line with the training loss,
+writes them: ``runs/kd-study/data/warmup.jsonl``) with a plain loop (AdamW with
+weight decay 0.01, batch 8, clip 1, chat template, each reference cut to its first N tokens
+after the EOS is appended, as the trainer cuts it), and every ``--every`` steps prints a JSON line with the training loss,
 the cross-entropy on 32 held-out references (the study's DistiLLM validation rows) and, every
 second time, the share of 32 greedy Dolly-valid answers (128 new tokens) that loop (over half
 of their word 4-grams repeat earlier ones) with their mean length. ``--loss kd`` is the forward
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     val = encode(load_instruct(files["val"], limit=32), 64)
     probe = load_instruct(BENCHES["dolly"], limit=32)
     student = layer_pruned(teacher, args.layers)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)  # torch default
 
     @torch.no_grad()
     def val_ce() -> float:

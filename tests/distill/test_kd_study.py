@@ -220,3 +220,22 @@ def test_grid_stops_when_the_warmup_it_just_made_loops(ks, tmp_path, monkeypatch
     assert ks.main(["grid", "--seeds", "3"]) == 2
     assert made == [("warmup", 0)]  # no distillation cell from the degenerate start
     assert "warm-up student's answers loop (75%" in capsys.readouterr().err
+
+
+def test_sampled_evaluation_scores_five_seeds_per_row(ks, tiny, instruct_file, monkeypatch):
+    model, tok = tiny
+    if getattr(tok, "chat_template", None) is None:
+        tok.chat_template = (
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}"
+        )
+    monkeypatch.setattr(ks, "BENCHES", {"dolly": instruct_file, "self-inst": instruct_file})
+    phase = {**ks.PHASES["main"], "eval_max_new_tokens": 6, "eval_batch_size": 2}
+    out = ks.evaluate_sampled(model, tok, phase, rows_per_bench=2, no_repeat=0)
+    e = out["dolly"]
+    assert list(e["per_seed"]) == [str(s) for s in ks.SAMPLED["seeds"]]
+    assert len(e["row_rougeL"]) == 2 and len(e["repeat_share"]) == 2 * len(ks.SAMPLED["seeds"])
+    assert e["rougeL"] == pytest.approx(sum(e["row_rougeL"]) / 2)
+    assert "sample(T=1.0" in e["decoding"] and "engine=lean" in e["decoding"]
+    blocked = ks.evaluate_sampled(model, tok, phase, rows_per_bench=2, no_repeat=3)["dolly"]
+    assert "no_repeat_ngram_size=3" in blocked["decoding"]
