@@ -418,16 +418,64 @@ def sampled(args) -> int:
     return 0
 
 
+def teacher_on_loops(args) -> int:
+    """Does the teacher endorse a student's loop? For every stored answer (each cell keeps 8 per
+    benchmark) of at least 40 tokens, the teacher reads prompt + answer; over the answer's second
+    half, how often its argmax is the answer's next token and the mean probability it gives that
+    token, for looping and for other answers. On-policy distillation trains on the teacher's
+    distribution at exactly these positions."""
+    import torch
+
+    from lmsmith.data.instruct import build_prompt, load_instruct
+
+    folder = (Path(args.results_dir) if args.results_dir else RESULTS) / args.phase
+    teacher, tok = _lm()
+    teacher.eval()
+    rows = {b: {r.source: r for r in load_instruct(p)} for b, p in BENCHES.items()}
+    out = ["| cells | answers | looping | teacher's argmax = the next token | its probability |",
+           "|---|---|---|---|---|"]  # fmt: skip
+    for tag in args.tags:
+        stats: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        for c in load_cells(folder).get(tag, {}).values():
+            for bench, e in c["eval"].items():
+                for x in e.get("samples", []):
+                    row = rows[bench][x["source"]]
+                    p = tok(build_prompt(row, tok, True), add_special_tokens=False)["input_ids"]
+                    a = tok(x["prediction"], add_special_tokens=False)["input_ids"]
+                    if len(a) < 40:
+                        continue
+                    with torch.no_grad():
+                        logits = teacher(torch.tensor([p + a])).logits[0, len(p) - 1 : -1]
+                    half = torch.arange(len(a) // 2, len(a))
+                    nxt = torch.tensor(a)[half]
+                    agree = (logits[half].argmax(-1) == nxt).float().mean().item()
+                    prob = logits[half].softmax(-1).gather(1, nxt[:, None]).mean().item()
+                    stats[repeat_share(x["prediction"]) > LOOPING].append((agree, prob))
+        for loop, v in stats.items():
+            if v:
+                out.append(
+                    f"| {tag} | {len(v)} | {'yes' if loop else 'no'} | "
+                    f"{statistics.fmean(a for a, _ in v):.2f} | "
+                    f"{statistics.fmean(q for _, q in v):.2f} |"
+                )
+    print("\n".join(out))
+    return 0
+
+
 def grid_cells(phase: str, seeds: int) -> list[tuple[str, int]]:
-    """Cells in the order they run: the warm-up, the pilot (SWITCH's three seeds, then GKD's:
-    they measure the noise), the other arms' first seeds, then seed by seed up to ``seeds``; the
-    teacher last (a reference, not a comparison)."""
+    """Cells in the order they run: the warm-up; seed 0 of every arm (the first SWITCH cell
+    made its student worse than the warm-up: whether every arm does is the first question);
+    the pilot (SWITCH's and GKD's seeds 1-2: with seed 0 they measure the noise); the other
+    arms' seeds 1-2; then seed by seed up to ``seeds``; the teacher last (a reference, not a
+    comparison)."""
     if phase == "long":
         return [(t, s) for s in range(seeds) for t in ("switch", "best")]
+    first = [*PILOT, *(t for t in ARMS if t not in PILOT)]
     cells = [("warmup", 0)]
-    cells += [(t, s) for t in PILOT for s in range(3)]  # SWITCH's seed spread first
-    cells += [(t, s) for s in range(3) for t in ARMS if t not in PILOT]
-    cells += [(t, s) for s in range(3, seeds) for t in ARMS]
+    cells += [(t, 0) for t in first]
+    cells += [(t, s) for t in PILOT for s in (1, 2)]
+    cells += [(t, s) for s in (1, 2) for t in first if t not in PILOT]
+    cells += [(t, s) for s in range(3, seeds) for t in first]
     return cells + [("teacher", 0)]
 
 
@@ -881,12 +929,18 @@ def main(argv=None) -> int:
     )
     sp.add_argument("--no-repeat", type=int, default=0, help="no_repeat_ngram_size (0 = off)")
     sp.add_argument("--results-dir", default=None)
+    lp = sub.add_parser("teacher-on-loops", help="does the teacher endorse the stored loops?")
+    lp.add_argument("--tags", nargs="+", default=["warmup", "switch"])
+    lp.add_argument("--phase", choices=list(PHASES), default="main")
+    lp.add_argument("--results-dir", default=None)
     a = sub.add_parser("aggregate", help="tables from the stored cells")
     a.add_argument("--phase", choices=list(PHASES), default="main")
     a.add_argument("--results-dir", default=None)
     a.add_argument("--doc", default=None, help="replace the phase's block in this Markdown file")
     args = ap.parse_args(argv)
-    return {"cell": cell, "grid": grid, "sampled": sampled, "aggregate": aggregate}[args.cmd](args)
+    commands = {"cell": cell, "grid": grid, "sampled": sampled, "aggregate": aggregate}
+    commands["teacher-on-loops"] = teacher_on_loops
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ def test_grid_runs_the_pilot_first_and_every_arm_for_every_seed(ks):
     cells = ks.grid_cells("main", 6)
     assert len(cells) == len(set(cells))
     assert cells[0] == ("warmup", 0) and cells[-1] == ("teacher", 0)
-    assert cells[1:7] == [(t, s) for t in ks.PILOT for s in range(3)]
-    assert cells[1:4] == [("switch", 0), ("switch", 1), ("switch", 2)]  # the seed spread first
+    assert [t for t, s in cells[1:6]] == [*ks.PILOT, "sft", "distillm", "switch-fast"]
+    assert all(s == 0 for _, s in cells[1:6])  # one seed of every arm first
+    assert cells[6:10] == [("switch", 1), ("switch", 2), ("gkd", 1), ("gkd", 2)]  # the pilot
     assert {(t, s) for t in ks.ARMS for s in range(6)} <= set(cells)
 
 
