@@ -666,6 +666,12 @@ def copy_baseline() -> dict[str, float]:
     return out
 
 
+def table_order(tags) -> list[str]:
+    """Tags in the tables' order: the teacher, the warm-up, then the arms; others last."""
+    order = ["teacher", "warmup", *ARMS]
+    return sorted(tags, key=lambda t: order.index(t) if t in order else len(order))
+
+
 def _ms(xs, scale=1.0) -> str:
     xs = [scale * x for x in xs]
     if not xs:
@@ -682,8 +688,7 @@ def aggregate(args) -> int:
         print("no cells yet")
         return 1
     benches = list(BENCHES)
-    order = ["teacher", "warmup", *ARMS]
-    tags = sorted(cells, key=lambda t: order.index(t) if t in order else len(order))
+    tags = table_order(cells)
     out = [
         f"**Cells** ({args.phase} phase; greedy ROUGE-L (×100, as `lmsmith eval` reports it) on all rows, mean ± std over "
         "training seeds; generation length in tokens, mean over rows and seeds):",
@@ -850,8 +855,7 @@ def _sampled_table(folder: Path) -> list[str]:
     cells = load_cells(folder) if folder.is_dir() else {}
     if not cells:
         return []
-    order = ["teacher", "warmup", *ARMS]
-    tags = sorted(cells, key=lambda t: order.index(t) if t in order else len(order))
+    tags = table_order(cells)
     benches = list(BENCHES)
     first = next(iter(next(iter(cells.values())).values()))
     cfg = first["sampled"]
