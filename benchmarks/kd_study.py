@@ -3,7 +3,7 @@
     python benchmarks/kd_study.py grid --phase main            # every missing cell, in order
     python benchmarks/kd_study.py cell --method switch --seed 0 # one cell
     python benchmarks/kd_study.py aggregate --doc docs/results.md
-    python benchmarks/kd_study.py cell --method switch --seed 0 --results-dir /tmp/check  # re-create
+    python benchmarks/kd_study.py verify --method sft --seed 0  # re-create a cell from scratch
 
 The 12-step cells of ``kd_repro.py`` stay the pilot they were. This study fixes their protocol
 (docs/methods.md, "The SWITCH study"):
@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -80,14 +81,15 @@ BASELINES = ["gkd", "distillm"]  # SWITCH is compared first with the better of t
 # ------------------------------------------------------------------------------- data
 
 
-def split_rows() -> dict[str, Path]:
+def split_rows(work: Path | None = None) -> dict[str, Path]:
     """The disjoint row files (deterministic: the same bytes on every machine)."""
+    work = work or WORK
     from lmsmith.runs import write_text
 
     src = (DATA / "dolly" / "dev.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     out = {}
     for name, (a, b) in ROWS.items():
-        p = WORK / "data" / f"{name}.jsonl"
+        p = work / "data" / f"{name}.jsonl"
         text = "".join(src[a:b])
         if not p.exists() or p.read_text(encoding="utf-8") != text:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -113,14 +115,15 @@ def warmup_name() -> str:
     return f"warmup-L{LAYERS}-{digest}"
 
 
-def warmup(teacher, tok, files: dict[str, Path]) -> Path:
-    """The SFT-warmed student every cell starts from (built once, on the warm-up rows only)."""
+def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Path:
+    """The SFT-warmed student every cell starts from (built once per ``work`` folder, on the
+    warm-up rows only)."""
     from lmsmith import config as C
     from lmsmith.distill.config import DistillConfig
     from lmsmith.distill.trainer import run
     from lmsmith.models import layer_pruned
 
-    out = WORK / warmup_name()
+    out = (work or WORK) / warmup_name()
     if (out / "student" / "config.json").exists():
         return out / "student"
     cfg = C.load(
@@ -283,7 +286,14 @@ def cell_path(results: Path, phase: str, tag: str, seed: int) -> Path:
     return results / phase / f"{tag}-s{seed}.json"
 
 
-def train_config(tag: str, seed: int, phase_name: str, files: dict[str, Path], extra=()) -> dict:
+def train_config(
+    tag: str,
+    seed: int,
+    phase_name: str,
+    files: dict[str, Path],
+    extra=(),
+    work: Path | None = None,
+) -> dict:
     phase = PHASES[phase_name]
     method, sets = ARMS[tag]
     values = {
@@ -300,7 +310,7 @@ def train_config(tag: str, seed: int, phase_name: str, files: dict[str, Path], e
         "precision": phase["precision"],
         "progress": False,
         "overwrite": True,
-        "output_dir": str(WORK / "runs" / f"{phase_name}-{tag}-s{seed}"),
+        "output_dir": str((work or WORK) / "runs" / f"{phase_name}-{tag}-s{seed}"),
     }
     for kv in [*sets, *extra]:
         k, v = kv.split("=", 1)
@@ -319,6 +329,7 @@ def cell(args) -> int:
     from lmsmith.runs import write_json
 
     results = Path(args.results_dir) if args.results_dir else RESULTS
+    work = Path(args.work_dir) if args.work_dir else WORK
     phase = PHASES[args.phase]
     tag = args.method
     path = cell_path(results, args.phase, tag, args.seed)
@@ -326,16 +337,17 @@ def cell(args) -> int:
         print(f"skip: {path} exists")
         return 0
     t0 = time.perf_counter()
-    files = split_rows()
+    files = split_rows(work)
     teacher, tok = _lm()
     result: dict = {}
     if tag == "teacher":
         result["eval"] = evaluate(teacher, tok, phase)
     else:
-        start = warmup(teacher, tok, files)
+        start = warmup(teacher, tok, files, work)
         student = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
         if tag != "warmup":
-            cfg = C.load(DistillConfig, None, train_config(tag, args.seed, args.phase, files))
+            values = train_config(tag, args.seed, args.phase, files, work=work)
+            cfg = C.load(DistillConfig, None, values)
             summary = run(cfg, teacher, student, tok)
             metrics = [
                 json.loads(x)
@@ -360,6 +372,85 @@ def cell(args) -> int:
     )
     write_json(path, result)
     print(json.dumps({k: round(v["rougeL"], 3) for k, v in result["eval"].items()}), f"→ {path}")
+    return 0
+
+
+def compare_cells(committed: dict, again: dict) -> list[str]:
+    """How a re-created cell differs from the committed one, row by row (empty: identical).
+    Compared: every row's source, ROUGE-L and generation length, and the mean."""
+    out = []
+    for bench, e in committed["eval"].items():
+        f = again["eval"].get(bench)
+        if f is None:
+            out.append(f"{bench}: missing from the re-created cell")
+            continue
+        if e["rows"] != f["rows"]:
+            out.append(f"{bench}: different rows (or row order)")
+            continue
+        for key in ("row_rougeL", "gen_tokens"):
+            diff = [i for i, (x, y) in enumerate(zip(e[key], f[key])) if x != y]
+            if diff:
+                i = diff[0]
+                out.append(
+                    f"{bench}: {key} differs on {len(diff)} of {len(e[key])} rows "
+                    f"(first: row {i}, {e['rows'][i]}: {e[key][i]} vs {f[key][i]})"
+                )
+        if e["rougeL"] != f["rougeL"]:
+            out.append(f"{bench}: mean ROUGE-L {e['rougeL']!r} vs {f['rougeL']!r}")
+    return out
+
+
+def verify(args) -> int:
+    """Re-create a committed cell in a fresh work folder (the warm-up is rebuilt there too, from
+    the base model) and compare its per-row greedy scores with the committed ones."""
+    import subprocess
+
+    committed = cell_path(RESULTS, args.phase, args.method, args.seed)
+    if not committed.exists():
+        raise SystemExit(f"{committed} does not exist: nothing to verify")
+    work = Path(args.work_dir)
+    marker = work / ".kd-study-verify"
+    if work.exists() and any(work.iterdir()) and not marker.exists():
+        raise SystemExit(f"{work} is not empty and not a verification folder: pick another")
+    if work.exists():
+        shutil.rmtree(work)  # from scratch: the warm-up too
+    work.mkdir(parents=True)
+    marker.touch()
+    results = work / "results"
+    again = cell_path(results, args.phase, args.method, args.seed)
+    rc = subprocess.call(
+        [
+            sys.executable,
+            __file__,
+            "cell",
+            "--phase",
+            args.phase,
+            "--method",
+            args.method,
+            "--seed",
+            str(args.seed),
+            "--results-dir",
+            str(results),
+            "--work-dir",
+            str(work),
+        ]
+    )
+    if rc:
+        return rc
+    a, b = json.loads(committed.read_text()), json.loads(again.read_text())
+    diffs = compare_cells(a, b)
+    same = (
+        "the same commit"
+        if a.get("commit") == b.get("commit")
+        else (f"commits {a.get('commit')} (committed) and {b.get('commit')} (now)")
+    )
+    cpu = [c.get("hardware", {}).get("cpu_capability") for c in (a, b)]
+    print(f"{committed} against {again} ({same}; CPU capability {cpu[0]} vs {cpu[1]}):")
+    if diffs:
+        print("  DIFFERENT:", *diffs, sep="\n  ")
+        return 1
+    n = sum(len(e["rows"]) for e in a["eval"].values())
+    print(f"  identical: every one of {n} rows' ROUGE-L and generation length")
     return 0
 
 
@@ -919,6 +1010,19 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--phase", choices=list(PHASES), default="main")
     c.add_argument("--results-dir", default=None, help="write the cell here instead")
+    c.add_argument(
+        "--work-dir",
+        default=None,
+        help="warm-up, row files and trained students here (default runs/kd-study; a fresh "
+        "folder rebuilds the warm-up too)",
+    )
+    v = sub.add_parser(
+        "verify", help="re-create a committed cell from scratch and compare it row by row"
+    )
+    v.add_argument("--method", required=True, choices=[*ARMS, "teacher", "warmup"])
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--phase", choices=list(PHASES), default="main")
+    v.add_argument("--work-dir", default=str(WORK.parent / "kd-study-verify"))
     g = sub.add_parser("grid", help="run every missing cell of a phase in turn")
     g.add_argument("--phase", choices=list(PHASES), default="main")
     g.add_argument("--seeds", type=int, default=6, help="training seeds per arm")
@@ -943,6 +1047,7 @@ def main(argv=None) -> int:
     a.add_argument("--doc", default=None, help="replace the phase's block in this Markdown file")
     args = ap.parse_args(argv)
     commands = {"cell": cell, "grid": grid, "sampled": sampled, "aggregate": aggregate}
+    commands["verify"] = verify
     commands["teacher-on-loops"] = teacher_on_loops
     return commands[args.cmd](args)
 

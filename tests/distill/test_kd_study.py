@@ -240,3 +240,41 @@ def test_sampled_evaluation_scores_five_seeds_per_row(ks, tiny, instruct_file, m
     assert "sample(T=1.0" in e["decoding"] and "engine=lean" in e["decoding"]
     blocked = ks.evaluate_sampled(model, tok, phase, rows_per_bench=2, no_repeat=3)["dolly"]
     assert "no_repeat_ngram_size=3" in blocked["decoding"]
+
+
+def test_compare_cells_finds_a_changed_row_and_passes_a_copy(ks):
+    cell = {
+        "eval": {
+            "dolly": {
+                "rougeL": 0.2,
+                "rows": ["a", "b", "c"],
+                "row_rougeL": [0.1, 0.2, 0.3],
+                "gen_tokens": [5, 64, 12],
+            }
+        }
+    }
+    assert ks.compare_cells(cell, json.loads(json.dumps(cell))) == []
+    again = json.loads(json.dumps(cell))
+    again["eval"]["dolly"]["gen_tokens"][1] = 63
+    (diff,) = ks.compare_cells(cell, again)
+    assert "gen_tokens differs on 1 of 3 rows" in diff and "row 1, b: 64 vs 63" in diff
+    again = json.loads(json.dumps(cell))
+    again["eval"]["dolly"]["rows"] = ["a", "c", "b"]
+    assert ks.compare_cells(cell, again) == ["dolly: different rows (or row order)"]
+    assert ks.compare_cells(cell, {"eval": {}}) == ["dolly: missing from the re-created cell"]
+
+
+def test_verify_never_wipes_a_folder_it_did_not_make(ks, tmp_path):
+    committed = ks.cell_path(ks.RESULTS, "main", "sft", 0)
+    committed.parent.mkdir(parents=True)
+    committed.write_text("{}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = ks.argparse.Namespace(method="sft", seed=0, phase="main", work_dir=str(mine))
+    with pytest.raises(SystemExit, match="not a verification folder"):
+        ks.verify(args)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    args.method = "gkd"  # no committed cell: nothing to verify
+    with pytest.raises(SystemExit, match="nothing to verify"):
+        ks.verify(args)
