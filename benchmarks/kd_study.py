@@ -115,6 +115,26 @@ def warmup_name() -> str:
     return f"warmup-L{LAYERS}-{digest}"
 
 
+def warmup_values(files: dict[str, Path], out: Path, recipe: dict | None = None) -> dict:
+    """The trainer settings of a warm-up recipe (default: the study's ``WARMUP``)."""
+    r = recipe or WARMUP
+    return {
+        "method": r["method"],
+        "student": f"layers:{LAYERS}",  # a record: the pruned student is passed in
+        "max_response_tokens": r["max_response_tokens"],
+        "data": str(files["warmup"]),
+        "chat_template": True,
+        "max_steps": r["steps"],
+        "batch_size": r["batch_size"],
+        "lr": r["lr"],
+        "output_dir": str(out),
+        "overwrite": True,
+        "seed": 0,
+        "precision": "fp32",
+        "progress": False,
+    }
+
+
 def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Path:
     """The SFT-warmed student every cell starts from (built once per ``work`` folder, on the
     warm-up rows only)."""
@@ -126,24 +146,7 @@ def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Pa
     out = (work or WORK) / warmup_name()
     if (out / "student" / "config.json").exists():
         return out / "student"
-    cfg = C.load(
-        DistillConfig,
-        None,
-        {
-            "method": WARMUP["method"],
-            "max_response_tokens": WARMUP["max_response_tokens"],
-            "data": str(files["warmup"]),
-            "chat_template": True,
-            "max_steps": WARMUP["steps"],
-            "batch_size": WARMUP["batch_size"],
-            "lr": WARMUP["lr"],
-            "output_dir": str(out),
-            "overwrite": True,
-            "seed": 0,
-            "precision": "fp32",
-            "progress": False,
-        },
-    )
+    cfg = C.load(DistillConfig, None, warmup_values(files, out))
     run(cfg, teacher, layer_pruned(teacher, LAYERS), tok)
     return out / "student"
 
@@ -306,6 +309,7 @@ def train_config(
         "max_new_tokens": phase["max_new_tokens"],
         "max_response_tokens": phase["max_new_tokens"],
         "distillm_val_data": str(files["val"]),
+        "student": f"layers:{LAYERS}",  # a record: the warm-up student is passed in
         "seed": seed,
         "precision": phase["precision"],
         "progress": False,

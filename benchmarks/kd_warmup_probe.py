@@ -15,6 +15,16 @@ KL to the teacher's distribution on the same sequences instead of the cross-entr
 
 It exists to choose the study's warm-up (docs/results.md, "the warm-up probe"); the loop is
 kept apart from the trainer on purpose, so that probing never touches training semantics.
+
+``--trainer`` instead steps lmsmith's own trainer with the study's warm-up settings
+(``kd_study.warmup_values``: the same rows, order, skipped prompts and optimiser as the warm-up
+cell; ``--steps``, ``--lr`` and ``--loss`` override the recipe), and every ``--every`` steps
+scores the student as the study does, on the first ``--rows`` rows of each benchmark (greedy,
+128 new tokens, lean engine): ROUGE-L, the share of looping answers and of answers that stop
+before the cap, beside the held-out cross-entropy. Its step-60 line with the study's recipe
+matches the warm-up cell's first rows exactly (a check that the probe is the cell's training).
+
+    python benchmarks/kd_warmup_probe.py --trainer --layers 20 --steps 180 --every 60
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ def main(argv=None) -> int:
     from lmsmith.models import layer_pruned, load_lm
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=10, help="student layers (of 30)")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--loss", choices=["ce", "kd"], default="ce")
@@ -47,7 +57,11 @@ def main(argv=None) -> int:
     ap.add_argument("--response-tokens", type=int, default=64)
     ap.add_argument("--every", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trainer", action="store_true", help="step lmsmith's trainer (see above)")
+    ap.add_argument("--rows", type=int, default=100, help="--trainer: rows of each benchmark")
     args = ap.parse_args(argv)
+    if args.trainer:
+        return trainer_probe(args)
 
     torch.manual_seed(args.seed)
     files = split_rows()
@@ -122,6 +136,75 @@ def main(argv=None) -> int:
             if step % (2 * args.every) == 0:
                 rate, mean_len, text = loops()
                 row.update(looping=rate, mean_len=round(mean_len, 1), last_answer=text[:160])
+            row["s"] = round(time.perf_counter() - t0)
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+def trainer_probe(args) -> int:
+    """The study's warm-up trained by lmsmith's trainer, scored every ``--every`` steps."""
+    import kd_study as ks
+    from lmsmith import config as C
+    from lmsmith.data.instruct import build_prompt, load_instruct
+    from lmsmith.distill.config import DistillConfig
+    from lmsmith.distill.trainer import DistillTrainer
+    from lmsmith.evaluate import EvalConfig, evaluate_rows
+    from lmsmith.models import layer_pruned, load_lm
+
+    ks.LAYERS = args.layers  # the study's student unless asked otherwise
+    recipe = {**ks.WARMUP, "steps": args.steps, "lr": args.lr}
+    recipe["method"] = {"ce": "sft", "kd": "kd"}[args.loss]
+    recipe["max_response_tokens"] = args.response_tokens
+    files = ks.split_rows()
+    if args.data:
+        files = {**files, "warmup": Path(args.data)}
+    out = ks.WORK / "probe" / f"L{args.layers}-{recipe['method']}-{args.steps}-{args.lr:g}"
+    cfg = C.load(DistillConfig, None, ks.warmup_values(files, out, recipe))
+    teacher, tok = load_lm("smollm2-135m-instruct")
+    teacher.eval()
+    val = []
+    for ex in load_instruct(files["val"]):
+        p = tok(build_prompt(ex, tok, True), add_special_tokens=False)["input_ids"]
+        r = tok(ex.references[0] + tok.eos_token, add_special_tokens=False)["input_ids"][:64]
+        val.append((p, r))
+    benches = {b: load_instruct(path, limit=args.rows) for b, path in ks.BENCHES.items()}
+
+    @torch.no_grad()
+    def score(student) -> dict:
+        student.eval()
+        tot, n = 0.0, 0
+        for p, r in val:
+            logits = student(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
+            tot += F.cross_entropy(logits, torch.tensor(r), reduction="sum").item()
+            n += len(r)
+        row = {"val_ce": round(tot / n, 3)}
+        for name, rows in benches.items():
+            ecfg = EvalConfig(
+                data=str(ks.BENCHES[name]), greedy=True, max_new_tokens=128, batch_size=32,
+                engine="lean", precision="fp32", chat_template=True, progress=False,
+            )  # fmt: skip
+            metrics, preds = evaluate_rows(student, tok, rows, ecfg)
+            lengths = [
+                len(tok(x["prediction"], add_special_tokens=False)["input_ids"]) for x in preds
+            ]
+            row[name] = {
+                "rougeL": round(metrics["rougeL_mean"], 2),
+                "looping": round(sum(ks.repeat_share(x["prediction"]) > ks.LOOPING for x in preds) / len(preds), 3),
+                "stopped": round(sum(k < 128 for k in lengths) / len(lengths), 3),
+                "first_rows_rougeL": [round(x["rougeL"], 4) for x in preds[:4]],
+            }  # fmt: skip
+        return row
+
+    tr = DistillTrainer(cfg, teacher, layer_pruned(teacher, args.layers), tok)
+    tr.setup()
+    print(json.dumps({"args": vars(args), "recipe": recipe, "rows": args.rows}), flush=True)
+    t0, losses = time.perf_counter(), []
+    while tr.step < args.steps:
+        losses.append(tr.train_step()["loss"])
+        if tr.step % args.every == 0:
+            tail = losses[-args.every :]
+            row = {"step": tr.step, "train": round(sum(tail) / len(tail), 3)}
+            row.update(score(tr.accelerator.unwrap_model(tr.student)))
             row["s"] = round(time.perf_counter() - t0)
             print(json.dumps(row), flush=True)
     return 0

@@ -51,6 +51,7 @@ def test_one_token_budget_and_one_template_for_every_arm(ks, tmp_path):
         assert cfg.data.max_response_tokens == cfg.rollout.max_new_tokens == 64
         assert cfg.data.chat_template and cfg.train.precision == "fp32" and cfg.train.seed == 3
         assert cfg.data.data == str(files["distill"])
+        assert cfg.model.student == f"layers:{ks.LAYERS}"  # the record names the real student
     fast = C.load(DistillConfig, None, ks.train_config("switch-fast", 0, "main", files))
     assert (
         fast.rollout.decay
