@@ -151,8 +151,9 @@ def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Pa
     return out / "student"
 
 
-def evaluate(model, tok, phase: dict) -> dict:
-    """Greedy ROUGE-L on every row of both benchmarks, with each row's score and length."""
+def evaluate(model, tok, phase: dict, limit: int | None = None) -> dict:
+    """Greedy ROUGE-L on every row of both benchmarks (or their first ``limit`` rows), with each
+    row's score and length."""
     from lmsmith.data.instruct import load_instruct
     from lmsmith.evaluate import EvalConfig, evaluate_rows
 
@@ -168,7 +169,7 @@ def evaluate(model, tok, phase: dict) -> dict:
             chat_template=True,
             progress=False,
         )
-        rows = load_instruct(path)
+        rows = load_instruct(path, limit=limit)
         metrics, preds = evaluate_rows(model, tok, rows, cfg)
         lengths = [len(tok(p["prediction"], add_special_tokens=False)["input_ids"]) for p in preds]
         out[name] = {
@@ -379,6 +380,12 @@ def cell(args) -> int:
     return 0
 
 
+def cell_command(phase: str, tag: str, seed: int, *extra: str) -> list[str]:
+    """The command line that runs one cell in its own process."""
+    return [sys.executable, __file__, "cell", "--phase", phase, "--method", tag,
+            "--seed", str(seed), *extra]  # fmt: skip
+
+
 def compare_cells(committed: dict, again: dict) -> list[str]:
     """How a re-created cell differs from the committed one, row by row (empty: identical).
     Compared: every row's source, ROUGE-L and generation length, and the mean."""
@@ -422,23 +429,8 @@ def verify(args) -> int:
     marker.touch()
     results = work / "results"
     again = cell_path(results, args.phase, args.method, args.seed)
-    rc = subprocess.call(
-        [
-            sys.executable,
-            __file__,
-            "cell",
-            "--phase",
-            args.phase,
-            "--method",
-            args.method,
-            "--seed",
-            str(args.seed),
-            "--results-dir",
-            str(results),
-            "--work-dir",
-            str(work),
-        ]
-    )
+    extra = ["--results-dir", str(results), "--work-dir", str(work)]
+    rc = subprocess.call(cell_command(args.phase, args.method, args.seed, *extra))
     if rc:
         return rc
     a, b = json.loads(committed.read_text()), json.loads(again.read_text())
@@ -629,19 +621,7 @@ def grid(args) -> int:
             return 2  # the warm-up cell this run just made failed the check
         with open(logs / f"{args.phase}-{tag}-s{seed}.log", "w") as log:
             rc = subprocess.call(
-                [
-                    sys.executable,
-                    __file__,
-                    "cell",
-                    "--phase",
-                    args.phase,
-                    "--method",
-                    tag,
-                    "--seed",
-                    str(seed),
-                ],  # fmt: skip
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                cell_command(args.phase, tag, seed), stdout=log, stderr=subprocess.STDOUT
             )
         if rc:
             failed.append(f"{tag} s{seed}")

@@ -43,6 +43,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def encode(tok, rows, cut: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids) pairs: chat template, the EOS appended, then the cut."""
+    from lmsmith.data.instruct import build_prompt
+
+    out = []
+    for ex in rows:
+        p = tok(build_prompt(ex, tok, True), add_special_tokens=False)["input_ids"]
+        r = tok(ex.references[0] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        out.append((p, r[:cut]))
+    return out
+
+
+@torch.no_grad()
+def mean_ce(model, seqs) -> float:
+    """Cross-entropy per reference token over ``encode``'s pairs."""
+    tot, n = 0.0, 0
+    for p, r in seqs:
+        logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
+        tot += F.cross_entropy(logits, torch.tensor(r), reduction="sum").item()
+        n += len(r)
+    return tot / n
+
+
 def main(argv=None) -> int:
     from kd_study import BENCHES, WORK, repeat_share, split_rows
     from lmsmith.data.instruct import build_prompt, load_instruct
@@ -68,28 +91,11 @@ def main(argv=None) -> int:
     teacher, tok = load_lm("smollm2-135m-instruct")
     teacher.eval()
 
-    def encode(rows, cut):
-        out = []
-        for ex in rows:
-            p = tok(build_prompt(ex, tok, True), add_special_tokens=False)["input_ids"]
-            r = tok(ex.references[0] + tok.eos_token, add_special_tokens=False)["input_ids"]
-            out.append((p, r[:cut]))
-        return out
-
-    train = encode(load_instruct(args.data or files["warmup"]), args.response_tokens)
-    val = encode(load_instruct(files["val"], limit=32), 64)
+    train = encode(tok, load_instruct(args.data or files["warmup"]), args.response_tokens)
+    val = encode(tok, load_instruct(files["val"], limit=32), 64)
     probe = load_instruct(BENCHES["dolly"], limit=32)
     student = layer_pruned(teacher, args.layers)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)  # torch default
-
-    @torch.no_grad()
-    def val_ce() -> float:
-        tot, n = 0.0, 0
-        for p, r in val:
-            logits = student(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
-            tot += F.cross_entropy(logits, torch.tensor(r), reduction="sum").item()
-            n += len(r)
-        return tot / n
 
     @torch.no_grad()
     def loops() -> tuple[float, float, str]:
@@ -132,7 +138,11 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad()
         if step % args.every == 0:
-            row = {"step": step, "train": round(total, 3), "val_ce": round(val_ce(), 3)}
+            row = {
+                "step": step,
+                "train": round(total, 3),
+                "val_ce": round(mean_ce(student, val), 3),
+            }
             if step % (2 * args.every) == 0:
                 rate, mean_len, text = loops()
                 row.update(looping=rate, mean_len=round(mean_len, 1), last_answer=text[:160])
@@ -145,10 +155,9 @@ def trainer_probe(args) -> int:
     """The study's warm-up trained by lmsmith's trainer, scored every ``--every`` steps."""
     import kd_study as ks
     from lmsmith import config as C
-    from lmsmith.data.instruct import build_prompt, load_instruct
+    from lmsmith.data.instruct import load_instruct
     from lmsmith.distill.config import DistillConfig
     from lmsmith.distill.trainer import DistillTrainer
-    from lmsmith.evaluate import EvalConfig, evaluate_rows
     from lmsmith.models import layer_pruned, load_lm
 
     ks.LAYERS = args.layers  # the study's student unless asked otherwise
@@ -162,37 +171,21 @@ def trainer_probe(args) -> int:
     cfg = C.load(DistillConfig, None, ks.warmup_values(files, out, recipe))
     teacher, tok = load_lm("smollm2-135m-instruct")
     teacher.eval()
-    val = []
-    for ex in load_instruct(files["val"]):
-        p = tok(build_prompt(ex, tok, True), add_special_tokens=False)["input_ids"]
-        r = tok(ex.references[0] + tok.eos_token, add_special_tokens=False)["input_ids"][:64]
-        val.append((p, r))
-    benches = {b: load_instruct(path, limit=args.rows) for b, path in ks.BENCHES.items()}
+    val = encode(tok, load_instruct(files["val"]), 64)
+    phase = ks.PHASES["main"]
 
-    @torch.no_grad()
     def score(student) -> dict:
         student.eval()
-        tot, n = 0.0, 0
-        for p, r in val:
-            logits = student(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
-            tot += F.cross_entropy(logits, torch.tensor(r), reduction="sum").item()
-            n += len(r)
-        row = {"val_ce": round(tot / n, 3)}
-        for name, rows in benches.items():
-            ecfg = EvalConfig(
-                data=str(ks.BENCHES[name]), greedy=True, max_new_tokens=128, batch_size=32,
-                engine="lean", precision="fp32", chat_template=True, progress=False,
-            )  # fmt: skip
-            metrics, preds = evaluate_rows(student, tok, rows, ecfg)
-            lengths = [
-                len(tok(x["prediction"], add_special_tokens=False)["input_ids"]) for x in preds
-            ]
+        row = {"val_ce": round(mean_ce(student, val), 3)}
+        for name, e in ks.evaluate(student, tok, phase, limit=args.rows).items():
+            n = len(e["rows"])
+            cap = phase["eval_max_new_tokens"]
             row[name] = {
-                "rougeL": round(metrics["rougeL_mean"], 2),
-                "looping": round(sum(ks.repeat_share(x["prediction"]) > ks.LOOPING for x in preds) / len(preds), 3),
-                "stopped": round(sum(k < 128 for k in lengths) / len(lengths), 3),
-                "first_rows_rougeL": [round(x["rougeL"], 4) for x in preds[:4]],
-            }  # fmt: skip
+                "rougeL": round(e["rougeL"], 2),
+                "looping": round(sum(r > ks.LOOPING for r in e["repeat_share"]) / n, 3),
+                "stopped": round(sum(k < cap for k in e["gen_tokens"]) / n, 3),
+                "first_rows_rougeL": [round(x, 4) for x in e["row_rougeL"][:4]],
+            }
         return row
 
     tr = DistillTrainer(cfg, teacher, layer_pruned(teacher, args.layers), tok)
