@@ -135,6 +135,66 @@ def warmup_values(files: dict[str, Path], out: Path, recipe: dict | None = None)
     }
 
 
+def teacher_targets(teacher, tok, rows_file: Path, out: Path, cap: int) -> dict:
+    """Write the teacher's own greedy answers to ``rows_file``'s prompts as SFT targets in
+    ``out`` (same rows, ``output`` replaced; at most ``cap`` new tokens), keeping only answers that end before the cap and do
+    not loop (an answer cut at the cap would teach the student to stop mid-sentence; a looping
+    one, to loop). Returns counts of what was kept and dropped."""
+    from lmsmith.data.instruct import load_instruct
+    from lmsmith.evaluate import EvalConfig, evaluate_rows
+    from lmsmith.runs import write_text
+
+    cfg = EvalConfig(
+        data=str(rows_file),
+        greedy=True,
+        max_new_tokens=cap,
+        batch_size=32,
+        engine="lean",
+        precision="fp32",
+        chat_template=True,
+        progress=True,
+    )
+    rows = load_instruct(rows_file)
+    src = [json.loads(x) for x in rows_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+    assert len(src) == len(rows), "a row of the warm-up file did not load"
+    _, preds = evaluate_rows(teacher, tok, rows, cfg)
+    kept, counts = [], {"rows": len(rows), "at_cap": 0, "looping": 0, "empty": 0}
+    for obj, p in zip(src, preds):
+        text = p["prediction"].strip()
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        why = (
+            "empty"
+            if not text
+            else "at_cap"
+            if n >= cap - 1
+            else "looping"
+            if repeat_share(text) > LOOPING
+            else None
+        )
+        if why:
+            counts[why] += 1
+            continue
+        kept.append(json.dumps({**obj, "output": text, "reference": obj["output"]}) + "\n")
+    counts["kept"] = len(kept)
+    if len(kept) < len(rows) // 2:
+        raise RuntimeError(f"the teacher's answers are unusable as targets: {counts}")
+    write_text(out, "".join(kept))
+    return counts
+
+
+def warmup_files(teacher, tok, files: dict[str, Path], work: Path) -> dict[str, Path]:
+    """``files`` with the warm-up rows the recipe trains on (its ``targets``: the references, or
+    the teacher's answers, written once per work folder)."""
+    if WARMUP.get("targets", "references") == "references":
+        return files
+    cap = WARMUP["teacher_max_new_tokens"]
+    out = work / "data" / f"warmup-teacher-{cap}.jsonl"
+    if not out.exists():
+        counts = teacher_targets(teacher, tok, files["warmup"], out, cap)
+        print(f"teacher targets: {counts}", flush=True)
+    return {**files, "warmup": out}
+
+
 def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Path:
     """The SFT-warmed student every cell starts from (built once per ``work`` folder, on the
     warm-up rows only)."""
@@ -146,6 +206,7 @@ def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Pa
     out = (work or WORK) / warmup_name()
     if (out / "student" / "config.json").exists():
         return out / "student"
+    files = warmup_files(teacher, tok, files, work or WORK)
     cfg = C.load(DistillConfig, None, warmup_values(files, out))
     run(cfg, teacher, layer_pruned(teacher, LAYERS), tok)
     return out / "student"

@@ -66,6 +66,26 @@ def mean_ce(model, seqs) -> float:
     return tot / n
 
 
+def score(student, tok, val, rows: int) -> dict:
+    """The student scored as a study cell scores it, on each benchmark's first ``rows`` rows,
+    beside its cross-entropy on the held-out references ``val``."""
+    import kd_study as ks
+
+    student.eval()
+    phase = ks.PHASES["main"]
+    out = {"val_ce": round(mean_ce(student, val), 3)}
+    for name, e in ks.evaluate(student, tok, phase, limit=rows).items():
+        n = len(e["rows"])
+        cap = phase["eval_max_new_tokens"]
+        out[name] = {
+            "rougeL": round(e["rougeL"], 2),
+            "looping": round(sum(r > ks.LOOPING for r in e["repeat_share"]) / n, 3),
+            "stopped": round(sum(k < cap for k in e["gen_tokens"]) / n, 3),
+            "first_rows_rougeL": [round(x, 4) for x in e["row_rougeL"][:4]],
+        }
+    return out
+
+
 def main(argv=None) -> int:
     from kd_study import BENCHES, WORK, repeat_share, split_rows
     from lmsmith.data.instruct import build_prompt, load_instruct
@@ -81,7 +101,18 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trainer", action="store_true", help="step lmsmith's trainer (see above)")
-    ap.add_argument("--rows", type=int, default=100, help="--trainer: rows of each benchmark")
+    ap.add_argument(
+        "--rows", type=int, default=100, help="rows of each benchmark --trainer and --score use"
+    )
+    ap.add_argument(
+        "--score", action="store_true", help="score the plain loop's end point as --trainer does"
+    )
+    ap.add_argument(
+        "--targets",
+        choices=["references", "teacher"],
+        default="references",
+        help="--trainer: SFT targets (teacher: its greedy answers, kd_study.teacher_targets)",
+    )
     args = ap.parse_args(argv)
     if args.trainer:
         return trainer_probe(args)
@@ -148,6 +179,9 @@ def main(argv=None) -> int:
                 row.update(looping=rate, mean_len=round(mean_len, 1), last_answer=text[:160])
             row["s"] = round(time.perf_counter() - t0)
             print(json.dumps(row), flush=True)
+    if args.score:  # the end point scored exactly as the trainer probe scores it
+        full_val = encode(tok, load_instruct(files["val"]), 64)
+        print(json.dumps({"step": args.steps, **score(student, tok, full_val, args.rows)}))
     return 0
 
 
@@ -168,25 +202,18 @@ def trainer_probe(args) -> int:
     if args.data:
         files = {**files, "warmup": Path(args.data)}
     out = ks.WORK / "probe" / f"L{args.layers}-{recipe['method']}-{args.steps}-{args.lr:g}"
-    cfg = C.load(DistillConfig, None, ks.warmup_values(files, out, recipe))
     teacher, tok = load_lm("smollm2-135m-instruct")
     teacher.eval()
+    if args.targets == "teacher":
+        ks.WARMUP = {**ks.WARMUP, "targets": "teacher", "teacher_max_new_tokens": 256}
+        files = ks.warmup_files(teacher, tok, files, ks.WORK)
+        out = out.with_name(out.name + "-teacher")
+    values = {**ks.warmup_values(files, out, recipe), "seed": args.seed}  # the row order
+    if args.seed:
+        out = out.with_name(out.name + f"-seed{args.seed}")
+        values["output_dir"] = str(out)
+    cfg = C.load(DistillConfig, None, values)
     val = encode(tok, load_instruct(files["val"]), 64)
-    phase = ks.PHASES["main"]
-
-    def score(student) -> dict:
-        student.eval()
-        row = {"val_ce": round(mean_ce(student, val), 3)}
-        for name, e in ks.evaluate(student, tok, phase, limit=args.rows).items():
-            n = len(e["rows"])
-            cap = phase["eval_max_new_tokens"]
-            row[name] = {
-                "rougeL": round(e["rougeL"], 2),
-                "looping": round(sum(r > ks.LOOPING for r in e["repeat_share"]) / n, 3),
-                "stopped": round(sum(k < cap for k in e["gen_tokens"]) / n, 3),
-                "first_rows_rougeL": [round(x, 4) for x in e["row_rougeL"][:4]],
-            }
-        return row
 
     tr = DistillTrainer(cfg, teacher, layer_pruned(teacher, args.layers), tok)
     tr.setup()
@@ -197,7 +224,7 @@ def trainer_probe(args) -> int:
         if tr.step % args.every == 0:
             tail = losses[-args.every :]
             row = {"step": tr.step, "train": round(sum(tail) / len(tail), 3)}
-            row.update(score(tr.accelerator.unwrap_model(tr.student)))
+            row.update(score(tr.accelerator.unwrap_model(tr.student), tok, val, args.rows))
             row["s"] = round(time.perf_counter() - t0)
             print(json.dumps(row), flush=True)
     return 0

@@ -279,3 +279,39 @@ def test_verify_never_wipes_a_folder_it_did_not_make(ks, tmp_path):
     args.method = "gkd"  # no committed cell: nothing to verify
     with pytest.raises(SystemExit, match="nothing to verify"):
         ks.verify(args)
+
+
+def test_teacher_targets_keep_only_answers_that_end_and_do_not_loop(ks, tmp_path, monkeypatch):
+    import lmsmith.evaluate as ev
+
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"reference {i}"} for i in range(4)]
+    src = tmp_path / "warmup.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cap = 256
+    answers = [
+        "a short answer that ends.",
+        " ".join(f"w{i}" for i in range(cap)),  # ran to the cap
+        "the fish, a fish, " * 20,  # loops
+        "another good answer.",
+    ]
+
+    def fake_rows(model, tok, rs, cfg):
+        assert cfg.greedy and cfg.max_new_tokens == cap and cfg.chat_template
+        return {}, [{"prediction": a} for a in answers[: len(rs)]]
+
+    class Tok:  # one token per word
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    monkeypatch.setattr(ev, "evaluate_rows", fake_rows)
+    out = tmp_path / "teacher.jsonl"
+    counts = ks.teacher_targets(None, Tok(), src, out, cap)
+    assert counts == {"rows": 4, "at_cap": 1, "looping": 1, "empty": 0, "kept": 2}
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [k["output"] for k in kept] == [answers[0], answers[3]]
+    assert [k["reference"] for k in kept] == ["reference 0", "reference 3"]  # kept for reading
+
+    answers[3] = ""  # fewer than half usable: refuse rather than train on a sliver
+    with pytest.raises(RuntimeError, match="unusable"):
+        ks.teacher_targets(None, Tok(), src, tmp_path / "again.jsonl", cap)
+    assert not (tmp_path / "again.jsonl").exists()
