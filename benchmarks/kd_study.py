@@ -127,6 +127,7 @@ def warmup_values(files: dict[str, Path], out: Path, recipe: dict | None = None)
         "max_steps": r["steps"],
         "batch_size": r["batch_size"],
         "lr": r["lr"],
+        "lr_schedule": r.get("lr_schedule", "constant"),
         "output_dir": str(out),
         "overwrite": True,
         "seed": 0,

@@ -108,6 +108,12 @@ def main(argv=None) -> int:
         "--score", action="store_true", help="score the plain loop's end point as --trainer does"
     )
     ap.add_argument(
+        "--schedule",
+        choices=["constant", "linear", "cosine"],
+        default="constant",
+        help="--trainer: the learning rate after warm-up (decaying ones reach 0 at --steps)",
+    )
+    ap.add_argument(
         "--targets",
         choices=["references", "teacher"],
         default="references",
@@ -198,10 +204,13 @@ def trainer_probe(args) -> int:
     recipe = {**ks.WARMUP, "steps": args.steps, "lr": args.lr}
     recipe["method"] = {"ce": "sft", "kd": "kd"}[args.loss]
     recipe["max_response_tokens"] = args.response_tokens
+    if args.schedule != "constant":
+        recipe["lr_schedule"] = args.schedule
     files = ks.split_rows()
     if args.data:
         files = {**files, "warmup": Path(args.data)}
     out = ks.WORK / "probe" / f"L{args.layers}-{recipe['method']}-{args.steps}-{args.lr:g}"
+    out = out.with_name(out.name + ("" if args.schedule == "constant" else f"-{args.schedule}"))
     teacher, tok = load_lm("smollm2-135m-instruct")
     teacher.eval()
     if args.targets == "teacher":

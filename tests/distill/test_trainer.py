@@ -185,6 +185,26 @@ def test_warmup_schedule_is_linear_then_constant(warm):
     assert seen == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_decaying_schedules_warm_up_then_fall_towards_zero(kind):
+    import math
+
+    from lmsmith.distill.trainer import warmup_schedule
+
+    optim = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = warmup_schedule(optim, 2, kind, total=6)
+    seen = []
+    for _ in range(6):
+        seen.append(optim.param_groups[0]["lr"])
+        optim.step()
+        sched.step()
+    # updates 0, 1 warm up (0.05, 0.1); updates 2..5 decay over the 4 left, the last above 0
+    fracs = [0, 0.25, 0.5, 0.75]
+    decay = [1 - f if kind == "linear" else 0.5 * (1 + math.cos(math.pi * f)) for f in fracs]
+    assert seen == pytest.approx([0.05, 0.1] + [0.1 * d for d in decay], rel=1e-12)
+    assert seen[-1] > 0
+
+
 def test_report_to_tensorboard_writes_the_metrics(teacher, data, tmp_path):
     pytest.importorskip("tensorboard", reason="pip install 'lmsmith[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

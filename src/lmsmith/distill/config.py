@@ -152,6 +152,10 @@ class TrainConfig:
     lr: float = field(5e-5, help="peak learning rate (AdamW)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(0, help="linear warm-up steps")
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(
+        "constant",
+        help="after the warm-up: constant, or decaying to 0 at max_steps (linear or cosine)",
+    )
     batch_size: int = field(8, help="sequences per micro-batch on each process")
     grad_accum: int = field(
         1,

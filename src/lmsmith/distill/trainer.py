@@ -208,7 +208,8 @@ class DistillTrainer:
             )
         params = [p for p in student.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        sched = warmup_schedule(optim, cfg.train.warmup_steps)
+        t = cfg.train
+        sched = warmup_schedule(optim, t.warmup_steps, t.lr_schedule, t.max_steps)
         self.student, self.optim, self.sched = acc.prepare(student, optim, sched)
         self.teacher = self._place_teacher(teacher)
         self.step = 0
@@ -869,22 +870,45 @@ class DistillTrainer:
         return final
 
 
-def warmup_schedule(optim: torch.optim.Optimizer, warmup_steps: int):
+def warmup_schedule(
+    optim: torch.optim.Optimizer, warmup_steps: int, kind: str = "constant", total: int = 0
+):
     """Linear warm-up to the peak rate, then constant: update k (0-based) runs at
     min(1, (k + 1) / warmup_steps) x lr, so the first update already moves the weights.
 
     transformers' ``constant_with_warmup`` gives update k the factor k / W (0 at the first);
     stepping it once here puts it one update ahead, which is this schedule exactly.
+
+    ``kind`` linear or cosine: after the warm-up the factor decays from 1 at update W towards 0
+    at update ``total`` (``lr_factor``); the last update still moves the weights.
     """
     from transformers import get_scheduler
 
     warm = max(warmup_steps, 0)
+    if kind != "constant":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optim, functools.partial(lr_factor, warm=warm, total=total, kind=kind)
+        )
     sched = get_scheduler("constant_with_warmup", optim, num_warmup_steps=warm)
     if warm:
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore", UserWarning)
             sched.step()
     return sched
+
+
+def lr_factor(k: int, warm: int, total: int, kind: str) -> float:
+    """The rate of update k (0-based) as a share of the peak (``warmup_schedule``)."""
+    if warm and k < warm:
+        return (k + 1) / warm
+    if kind == "constant" or total <= warm:
+        return 1.0
+    frac = (k - warm) / (total - warm)  # 0 at the first update after the warm-up
+    if kind == "linear":
+        return 1.0 - frac
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"unknown lr schedule {kind!r}")
 
 
 def _pad_to(x: torch.Tensor, n: int, value=0) -> torch.Tensor:
