@@ -1048,6 +1048,37 @@ def _share_table(cells) -> list[str]:
     return out
 
 
+def loop_onset(args) -> int:
+    """Does an arm only keep the warm-up's loops, or start new ones? For each stored cell of
+    ``--tags``, the share of rows that loop among the rows where the warm-up (same seed-0 start)
+    looped, and among the rows where it did not."""
+    folder = (Path(args.results_dir) if args.results_dir else RESULTS) / args.phase
+    cells = load_cells(folder)
+    if 0 not in cells.get("warmup", {}):
+        print(f"no warm-up cell in {folder}", file=sys.stderr)
+        return 2
+    warm = cells["warmup"][0]["eval"]
+    print(f"Loops after distillation, by whether the warm-up looped on the row ({folder}):\n")
+    print("| arm | seed | benchmark | loops where the warm-up looped | where it did not |")
+    print("|---|---|---|---|---|")
+    for tag in args.tags:
+        for seed, c in sorted(cells.get(tag, {}).items()):
+            for bench, e in c["eval"].items():
+                w = [r > LOOPING for r in warm[bench]["repeat_share"]]
+                x = [r > LOOPING for r in e["repeat_share"]]
+                if len(w) != len(x):
+                    raise SystemExit(f"{tag}-s{seed} {bench}: {len(x)} rows, warm-up {len(w)}")
+                kept = sum(a and b for a, b in zip(w, x))
+                new = sum(b and not a for a, b in zip(w, x))
+                n1 = sum(w)
+                n0 = len(w) - n1
+                print(
+                    f"| {tag} | {seed} | {bench} | {kept}/{n1} ({100 * kept / max(n1, 1):.0f}%) "
+                    f"| {new}/{n0} ({100 * new / max(n0, 1):.0f}%) |"
+                )
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1087,6 +1118,10 @@ def main(argv=None) -> int:
     lp.add_argument("--tags", nargs="+", default=["warmup", "switch"])
     lp.add_argument("--phase", choices=list(PHASES), default="main")
     lp.add_argument("--results-dir", default=None)
+    lo = sub.add_parser("loop-onset", help="loops kept from the warm-up, and new ones")
+    lo.add_argument("--tags", nargs="+", default=list(ARMS))
+    lo.add_argument("--phase", choices=list(PHASES), default="main")
+    lo.add_argument("--results-dir", default=None)
     a = sub.add_parser("aggregate", help="tables from the stored cells")
     a.add_argument("--phase", choices=list(PHASES), default="main")
     a.add_argument("--results-dir", default=None)
@@ -1095,6 +1130,7 @@ def main(argv=None) -> int:
     commands = {"cell": cell, "grid": grid, "sampled": sampled, "aggregate": aggregate}
     commands["verify"] = verify
     commands["teacher-on-loops"] = teacher_on_loops
+    commands["loop-onset"] = loop_onset
     return commands[args.cmd](args)
 
 

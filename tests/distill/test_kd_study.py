@@ -315,3 +315,17 @@ def test_teacher_targets_keep_only_answers_that_end_and_do_not_loop(ks, tmp_path
     with pytest.raises(RuntimeError, match="unusable"):
         ks.teacher_targets(None, Tok(), src, tmp_path / "again.jsonl", cap)
     assert not (tmp_path / "again.jsonl").exists()
+
+
+def test_loop_onset_separates_kept_loops_from_new_ones(ks, tmp_path, capsys):
+    folder = tmp_path / "results" / "main"
+    folder.mkdir(parents=True)
+    for tag, dolly in (("warmup", [0.9, 0.9, 0.0, 0.0]), ("gkd", [0.9, 0.0, 0.9, 0.9])):
+        c = _cell(tag, 0, [1.0] * 4, [1.0] * 4)
+        c["eval"]["dolly"]["repeat_share"] = dolly
+        c["eval"]["self-inst"]["repeat_share"] = [0.0] * 4
+        (folder / f"{tag}-s0.json").write_text(json.dumps(c))
+    assert ks.main(["loop-onset", "--tags", "gkd"]) == 0
+    out = capsys.readouterr().out
+    assert "| gkd | 0 | dolly | 1/2 (50%) | 2/2 (100%) |" in out
+    assert "| gkd | 0 | self-inst | 0/0 (0%) | 0/4 (0%) |" in out
