@@ -137,10 +137,11 @@ def warmup_values(files: dict[str, Path], out: Path, recipe: dict | None = None)
 
 
 def teacher_targets(teacher, tok, rows_file: Path, out: Path, cap: int) -> dict:
-    """Write the teacher's own greedy answers to ``rows_file``'s prompts as SFT targets in
-    ``out`` (same rows, ``output`` replaced; at most ``cap`` new tokens), keeping only answers that end before the cap and do
-    not loop (an answer cut at the cap would teach the student to stop mid-sentence; a looping
-    one, to loop). Returns counts of what was kept and dropped."""
+    """Write the teacher's own greedy answers (at most ``cap`` new tokens) to ``rows_file``'s
+    prompts as SFT targets in ``out`` (same rows, ``output`` replaced, the reference kept as
+    ``reference``), keeping only answers that end before the cap and do not loop: one cut at the
+    cap would teach the student to stop mid-sentence, a looping one to loop. Returns the counts
+    of what was kept and dropped."""
     from lmsmith.data.instruct import load_instruct
     from lmsmith.evaluate import EvalConfig, evaluate_rows
     from lmsmith.runs import write_text
@@ -162,20 +163,14 @@ def teacher_targets(teacher, tok, rows_file: Path, out: Path, cap: int) -> dict:
     kept, counts = [], {"rows": len(rows), "at_cap": 0, "looping": 0, "empty": 0}
     for obj, p in zip(src, preds):
         text = p["prediction"].strip()
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
-        why = (
-            "empty"
-            if not text
-            else "at_cap"
-            if n >= cap - 1
-            else "looping"
-            if repeat_share(text) > LOOPING
-            else None
-        )
-        if why:
-            counts[why] += 1
-            continue
-        kept.append(json.dumps({**obj, "output": text, "reference": obj["output"]}) + "\n")
+        if not text:
+            counts["empty"] += 1
+        elif len(tok(text, add_special_tokens=False)["input_ids"]) >= cap - 1:
+            counts["at_cap"] += 1
+        elif repeat_share(text) > LOOPING:
+            counts["looping"] += 1
+        else:
+            kept.append(json.dumps({**obj, "output": text, "reference": obj["output"]}) + "\n")
     counts["kept"] = len(kept)
     if len(kept) < len(rows) // 2:
         raise RuntimeError(f"the teacher's answers are unusable as targets: {counts}")
@@ -183,12 +178,15 @@ def teacher_targets(teacher, tok, rows_file: Path, out: Path, cap: int) -> dict:
     return counts
 
 
-def warmup_files(teacher, tok, files: dict[str, Path], work: Path) -> dict[str, Path]:
-    """``files`` with the warm-up rows the recipe trains on (its ``targets``: the references, or
-    the teacher's answers, written once per work folder)."""
-    if WARMUP.get("targets", "references") == "references":
+def warmup_files(
+    teacher, tok, files: dict[str, Path], work: Path, recipe: dict | None = None
+) -> dict[str, Path]:
+    """``files`` with the warm-up rows a recipe (default ``WARMUP``) trains on: its ``targets``
+    are the references, or the teacher's answers (written once per work folder)."""
+    r = recipe or WARMUP
+    if r.get("targets", "references") == "references":
         return files
-    cap = WARMUP["teacher_max_new_tokens"]
+    cap = r["teacher_max_new_tokens"]
     out = work / "data" / f"warmup-teacher-{cap}.jsonl"
     if not out.exists():
         counts = teacher_targets(teacher, tok, files["warmup"], out, cap)

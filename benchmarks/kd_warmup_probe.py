@@ -214,8 +214,8 @@ def trainer_probe(args) -> int:
     teacher, tok = load_lm("smollm2-135m-instruct")
     teacher.eval()
     if args.targets == "teacher":
-        ks.WARMUP = {**ks.WARMUP, "targets": "teacher", "teacher_max_new_tokens": 256}
-        files = ks.warmup_files(teacher, tok, files, ks.WORK)
+        recipe.update(targets="teacher", teacher_max_new_tokens=256)
+        files = ks.warmup_files(teacher, tok, files, ks.WORK, recipe)
         out = out.with_name(out.name + "-teacher")
     values = {**ks.warmup_values(files, out, recipe), "seed": args.seed}  # the row order
     if args.seed:

@@ -25,7 +25,6 @@ import random
 import re
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -873,28 +872,14 @@ class DistillTrainer:
 def warmup_schedule(
     optim: torch.optim.Optimizer, warmup_steps: int, kind: str = "constant", total: int = 0
 ):
-    """Linear warm-up to the peak rate, then constant: update k (0-based) runs at
-    min(1, (k + 1) / warmup_steps) x lr, so the first update already moves the weights.
-
-    transformers' ``constant_with_warmup`` gives update k the factor k / W (0 at the first);
-    stepping it once here puts it one update ahead, which is this schedule exactly.
-
-    ``kind`` linear or cosine: after the warm-up the factor decays from 1 at update W towards 0
-    at update ``total`` (``lr_factor``); the last update still moves the weights.
-    """
-    from transformers import get_scheduler
-
+    """Linear warm-up to the peak rate: update k (0-based) runs at min(1, (k + 1) / warmup_steps)
+    x lr, so the first update already moves the weights; then constant, or (``kind`` linear or
+    cosine) decaying from 1 at update W towards 0 at update ``total``, the last update still
+    moving the weights (``lr_factor``)."""
     warm = max(warmup_steps, 0)
-    if kind != "constant":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optim, functools.partial(lr_factor, warm=warm, total=total, kind=kind)
-        )
-    sched = get_scheduler("constant_with_warmup", optim, num_warmup_steps=warm)
-    if warm:
-        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
-            warnings.simplefilter("ignore", UserWarning)
-            sched.step()
-    return sched
+    return torch.optim.lr_scheduler.LambdaLR(
+        optim, functools.partial(lr_factor, warm=warm, total=total, kind=kind)
+    )
 
 
 def lr_factor(k: int, warm: int, total: int, kind: str) -> float:
