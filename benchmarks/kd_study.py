@@ -52,6 +52,11 @@ ROWS = {"warmup": (0, 480), "distill": (480, 936), "val": (936, 1000)}  # of dol
 # the warm-up every cell starts from (SFT on the warm-up rows, references cut like the study's);
 # its folder is named by this recipe, so a changed recipe never reuses an old student
 WARMUP = {"method": "sft", "steps": 60, "batch_size": 8, "lr": 5e-4, "max_response_tokens": 64}
+# the teacher every distilling arm learns from: SmolLM2-135M-Instruct fine-tuned on the same
+# warm-up rows at a tenth of the student's rate (MiniLLM/DistiLLM distil from a teacher tuned on
+# the task; the untuned one writes long answers the student cannot end, docs/results.md)
+TEACHER = {**WARMUP, "lr": 5e-5}
+TEACHER_LAYERS = 30  # all of them
 PHASES = {
     "main": {
         "precision": "fp32",
@@ -107,20 +112,31 @@ def _lm():
     return load_lm("smollm2-135m-instruct")
 
 
-def warmup_name() -> str:
-    """The warm-up's folder: the student's size and a digest of the recipe."""
+def _recipe_name(kind: str, layers: int, recipe: dict) -> str:
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(WARMUP, sort_keys=True).encode()).hexdigest()[:8]
-    return f"warmup-L{LAYERS}-{digest}"
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{kind}-L{layers}-{digest}"
 
 
-def warmup_values(files: dict[str, Path], out: Path, recipe: dict | None = None) -> dict:
+def warmup_name() -> str:
+    """The warm-up's folder: the student's size and a digest of the recipe."""
+    return _recipe_name("warmup", LAYERS, WARMUP)
+
+
+def teacher_name() -> str:
+    """The tuned teacher's folder, named by its recipe like the warm-up's."""
+    return _recipe_name("teacher", TEACHER_LAYERS, TEACHER)
+
+
+def warmup_values(
+    files: dict[str, Path], out: Path, recipe: dict | None = None, layers: int = LAYERS
+) -> dict:
     """The trainer settings of a warm-up recipe (default: the study's ``WARMUP``)."""
     r = recipe or WARMUP
     return {
         "method": r["method"],
-        "student": f"layers:{LAYERS}",  # a record: the pruned student is passed in
+        "student": f"layers:{layers}",  # a record: the pruned student is passed in
         "max_response_tokens": r["max_response_tokens"],
         "data": str(files["warmup"]),
         "chat_template": True,
@@ -194,21 +210,37 @@ def warmup_files(
     return {**files, "warmup": out}
 
 
-def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Path:
-    """The SFT-warmed student every cell starts from (built once per ``work`` folder, on the
-    warm-up rows only)."""
+def _tuned(base, tok, files, out: Path, recipe: dict, layers: int) -> Path:
+    """``layers`` evenly spaced layers of ``base`` trained by ``recipe`` on the warm-up rows,
+    saved once in ``out`` (the trainer writes the model under a temporary name and renames it
+    into place, so a crash leaves no half model to be reused)."""
     from lmsmith import config as C
     from lmsmith.distill.config import DistillConfig
     from lmsmith.distill.trainer import run
     from lmsmith.models import layer_pruned
 
-    out = (work or WORK) / warmup_name()
-    if (out / "student" / "config.json").exists():
-        return out / "student"
-    files = warmup_files(teacher, tok, files, work or WORK)
-    cfg = C.load(DistillConfig, None, warmup_values(files, out))
-    run(cfg, teacher, layer_pruned(teacher, LAYERS), tok)
+    if not (out / "student" / "config.json").exists():
+        cfg = C.load(DistillConfig, None, warmup_values(files, out, recipe, layers))
+        run(cfg, base, layer_pruned(base, layers), tok)
     return out / "student"
+
+
+def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Path:
+    """The SFT-warmed student every cell starts from (built once per ``work`` folder, on the
+    warm-up rows only; cut from the untuned model, so it does not depend on ``TEACHER``)."""
+    files = warmup_files(teacher, tok, files, work or WORK)
+    return _tuned(teacher, tok, files, (work or WORK) / warmup_name(), WARMUP, LAYERS)
+
+
+def tuned_teacher(base, tok, files: dict[str, Path], work: Path | None = None):
+    """The teacher of every distilling arm: ``base`` fine-tuned by ``TEACHER`` on the warm-up
+    rows (built once per ``work`` folder), loaded in fp32 and frozen."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = _tuned(base, tok, files, (work or WORK) / teacher_name(), TEACHER, TEACHER_LAYERS)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model.requires_grad_(False)
 
 
 def evaluate(model, tok, phase: dict, limit: int | None = None) -> dict:
@@ -327,11 +359,20 @@ def looping_rate(cell: dict) -> tuple[float | None, str]:
     return sum(r > LOOPING for r in rows) / len(rows), src
 
 
+def uses_teacher(tag: str) -> bool:
+    """Whether a cell's result depends on the teacher (SFT and the warm-up learn from
+    references only)."""
+    return tag == "teacher" or (tag != "warmup" and ARMS[tag][0] != "sft")
+
+
 def protocol(phase_name: str, tag: str) -> dict:
-    """What a cell's result depends on besides its arm and seed (the teacher: its phase only)."""
-    if tag == "teacher":
-        return {"phase": PHASES[phase_name]}
-    return {"phase": PHASES[phase_name], "warmup": WARMUP, "rows": ROWS, "layers": LAYERS}
+    """What a cell's result depends on besides its arm and seed."""
+    out = {"phase": PHASES[phase_name], "rows": ROWS}
+    if tag != "teacher":
+        out.update(warmup=WARMUP, layers=LAYERS)
+    if uses_teacher(tag):
+        out["teacher"] = TEACHER
+    return out
 
 
 def stale_cells(folder: Path, phase_name: str) -> list[str]:
@@ -403,17 +444,18 @@ def cell(args) -> int:
         return 0
     t0 = time.perf_counter()
     files = split_rows(work)
-    teacher, tok = _lm()
+    base, tok = _lm()
+    teacher = tuned_teacher(base, tok, files, work) if uses_teacher(tag) else base
     result: dict = {}
     if tag == "teacher":
         result["eval"] = evaluate(teacher, tok, phase)
     else:
-        start = warmup(teacher, tok, files, work)
+        start = warmup(base, tok, files, work)
         student = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
         if tag != "warmup":
             values = train_config(tag, args.seed, args.phase, files, work=work)
             cfg = C.load(DistillConfig, None, values)
-            summary = run(cfg, teacher, student, tok)
+            summary = run(cfg, teacher, student, tok)  # SFT never reads the teacher
             metrics = [
                 json.loads(x)
                 for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
@@ -431,6 +473,7 @@ def cell(args) -> int:
         phase=args.phase,
         protocol=protocol(args.phase, tag),
         warmup_folder=None if tag == "teacher" else warmup_name(),
+        teacher_folder=teacher_name() if uses_teacher(tag) else None,
         wall_time_s=time.perf_counter() - t0,
         commit=kd_repro._commit(),
         hardware=hardware(),
@@ -517,7 +560,7 @@ def cell_model(phase_name: str, tag: str, seed: int, teacher, tok):
     from transformers import AutoModelForCausalLM
 
     if tag == "teacher":
-        return teacher
+        return tuned_teacher(teacher, tok, split_rows())
     if tag == "warmup":
         folder = WORK / warmup_name() / "student"
     else:
@@ -576,8 +619,8 @@ def teacher_on_loops(args) -> int:
     from lmsmith.data.instruct import build_prompt, load_instruct
 
     folder = (Path(args.results_dir) if args.results_dir else RESULTS) / args.phase
-    teacher, tok = _lm()
-    teacher.eval()
+    base, tok = _lm()
+    teacher = base.eval() if args.untuned else tuned_teacher(base, tok, split_rows())
     rows = {b: {r.source: r for r in load_instruct(p)} for b, p in BENCHES.items()}
     out = ["| cells | answers | looping | teacher's argmax = the next token | its probability |",
            "|---|---|---|---|---|"]  # fmt: skip
@@ -1114,6 +1157,10 @@ def main(argv=None) -> int:
     sp.add_argument("--results-dir", default=None)
     lp = sub.add_parser("teacher-on-loops", help="does the teacher endorse the stored loops?")
     lp.add_argument("--tags", nargs="+", default=["warmup", "switch"])
+    lp.add_argument(
+        "--untuned", action="store_true", help="read the loops with the untuned model (cells "
+        "made before the study's teacher was fine-tuned)"
+    )  # fmt: skip
     lp.add_argument("--phase", choices=list(PHASES), default="main")
     lp.add_argument("--results-dir", default=None)
     lo = sub.add_parser("loop-onset", help="loops kept from the warm-up, and new ones")

@@ -177,7 +177,7 @@ def test_a_new_warmup_recipe_gets_a_new_folder_and_old_cells_are_refused(ks, tmp
     stale["protocol"] = old
     (folder / "switch-s0.json").write_text(json.dumps(stale))
     teacher = _cell("teacher", 0, [1.0] * 4, [1.0] * 4)
-    teacher["protocol"] = {"phase": ks.PHASES["main"], "warmup": "anything"}
+    teacher["protocol"] = {**ks.protocol("main", "teacher"), "warmup": "anything"}
     (folder / "teacher-s0.json").write_text(json.dumps(teacher))  # the warm-up is not its input
     assert ks.stale_cells(folder, "main") == [str(folder / "switch-s0.json")]
     assert ks.main(["grid", "--dry-run"]) == 2
@@ -185,6 +185,22 @@ def test_a_new_warmup_recipe_gets_a_new_folder_and_old_cells_are_refused(ks, tmp
     stale["protocol"] = ks.protocol("main", "switch")
     (folder / "switch-s0.json").write_text(json.dumps(stale))
     assert ks.stale_cells(folder, "main") == []
+
+
+def test_a_new_teacher_recipe_stales_only_the_cells_that_read_the_teacher(ks, tmp_path):
+    name = ks.teacher_name()
+    assert name.startswith(f"teacher-L{ks.TEACHER_LAYERS}-") and name != ks.warmup_name()
+    folder = tmp_path / "main"
+    folder.mkdir()
+    for tag in ("teacher", "warmup", "sft", "gkd", "distillm", "switch", "switch-fast"):
+        c = _cell(tag, 0, [1.0] * 4, [1.0] * 4)
+        c["protocol"] = ks.protocol("main", tag)
+        (folder / f"{tag}-s0.json").write_text(json.dumps(c))
+    assert ks.stale_cells(folder, "main") == []
+    ks.TEACHER = {**ks.TEACHER, "lr": ks.TEACHER["lr"] * 2}
+    assert ks.teacher_name() != name  # a changed recipe never reuses the old teacher
+    stale = {Path(x).name for x in ks.stale_cells(folder, "main")}
+    assert stale == {f"{t}-s0.json" for t in ("teacher", "gkd", "distillm", "switch", "switch-fast")}
 
 
 def test_sampled_protocol_table_and_its_preconditions(ks, tmp_path, capsys):
