@@ -200,7 +200,9 @@ def test_a_new_teacher_recipe_stales_only_the_cells_that_read_the_teacher(ks, tm
     ks.TEACHER = {**ks.TEACHER, "lr": ks.TEACHER["lr"] * 2}
     assert ks.teacher_name() != name  # a changed recipe never reuses the old teacher
     stale = {Path(x).name for x in ks.stale_cells(folder, "main")}
-    assert stale == {f"{t}-s0.json" for t in ("teacher", "gkd", "distillm", "switch", "switch-fast")}
+    assert stale == {
+        f"{t}-s0.json" for t in ("teacher", "gkd", "distillm", "switch", "switch-fast")
+    }
 
 
 def test_sampled_protocol_table_and_its_preconditions(ks, tmp_path, capsys):
