@@ -347,3 +347,29 @@ def test_loop_onset_separates_kept_loops_from_new_ones(ks, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| gkd | 0 | dolly | 1/2 (50%) | 2/2 (100%) |" in out
     assert "| gkd | 0 | self-inst | 0/0 (0%) | 0/4 (0%) |" in out
+
+
+def test_the_tuned_teacher_is_trained_once_on_the_warmup_rows_and_frozen(
+    ks, tiny, instruct_file, tmp_path, monkeypatch
+):
+    import torch
+
+    model, tok = tiny
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    monkeypatch.setattr(ks, "TEACHER", {**ks.TEACHER, "steps": 2, "batch_size": 2, "lr": 1e-2})
+    monkeypatch.setattr(ks, "TEACHER_LAYERS", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher = ks.tuned_teacher(model, tok, {"warmup": instruct_file}, tmp_path)
+    weights = tmp_path / ks.teacher_name() / "student" / "model.safetensors"
+    assert weights.exists()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    trained = teacher.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before)  # it was fine-tuned
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base kept
+    stamp = weights.stat().st_mtime_ns
+    again = ks.tuned_teacher(model, tok, {"warmup": instruct_file}, tmp_path)
+    assert weights.stat().st_mtime_ns == stamp  # built once, then loaded
+    assert all(torch.equal(trained[k], v) for k, v in again.state_dict().items())
