@@ -652,6 +652,42 @@ def teacher_on_loops(args) -> int:
     return 0
 
 
+def stop_prob(args) -> int:
+    """Does an arm still know where an answer ends? On the first Dolly-valid rows whose whole
+    reference fits the study's token budget, each model reads prompt + reference and gives the
+    probability of the end-of-sequence token right after it (the target SFT trains to 1 there;
+    distilling arms train towards the teacher's value), and the share of rows where EOS is its
+    argmax."""
+    import torch
+
+    from lmsmith.data.instruct import build_prompt, load_instruct
+
+    base, tok = _lm()
+    budget = PHASES[args.phase]["max_new_tokens"]
+    rows = []
+    for r in load_instruct(BENCHES["dolly"]):
+        a = tok(r.references[0], add_special_tokens=False)["input_ids"]
+        if len(a) < budget:
+            p = tok(build_prompt(r, tok, True), add_special_tokens=False)["input_ids"]
+            rows.append((p, a))
+        if len(rows) == args.rows:
+            break
+    out = ["| model | rows | P(EOS) after the reference | EOS is the argmax |", "|---|---|---|---|"]
+    for tag in args.tags:
+        model = cell_model(args.phase, tag, args.seed, base, tok).eval()
+        probs, top = [], []
+        with torch.no_grad():
+            for p, a in rows:
+                last = model(torch.tensor([p + a])).logits[0, -1].softmax(-1)
+                probs.append(last[tok.eos_token_id].item())
+                top.append(int(last.argmax().item() == tok.eos_token_id))
+        out.append(
+            f"| {tag} | {len(rows)} | {statistics.fmean(probs):.2f} | {statistics.fmean(top):.0%} |"
+        )
+    print("\n".join(out))
+    return 0
+
+
 def grid_cells(phase: str, seeds: int) -> list[tuple[str, int]]:
     """Cells in the order they run: the warm-up; seed 0 of every arm (the first SWITCH cell
     made its student worse than the warm-up: whether every arm does is the first question);
@@ -1163,6 +1199,11 @@ def main(argv=None) -> int:
     )  # fmt: skip
     lp.add_argument("--phase", choices=list(PHASES), default="main")
     lp.add_argument("--results-dir", default=None)
+    st = sub.add_parser("stop-prob", help="P(EOS) right after whole short references")
+    st.add_argument("--tags", nargs="+", default=["teacher", "warmup", *ARMS])
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--phase", choices=list(PHASES), default="main")
+    st.add_argument("--rows", type=int, default=100)
     lo = sub.add_parser("loop-onset", help="loops kept from the warm-up, and new ones")
     lo.add_argument("--tags", nargs="+", default=list(ARMS))
     lo.add_argument("--phase", choices=list(PHASES), default="main")
@@ -1176,6 +1217,7 @@ def main(argv=None) -> int:
     commands["verify"] = verify
     commands["teacher-on-loops"] = teacher_on_loops
     commands["loop-onset"] = loop_onset
+    commands["stop-prob"] = stop_prob
     return commands[args.cmd](args)
 
 

@@ -373,3 +373,26 @@ def test_the_tuned_teacher_is_trained_once_on_the_warmup_rows_and_frozen(
     again = ks.tuned_teacher(model, tok, {"warmup": instruct_file}, tmp_path)
     assert weights.stat().st_mtime_ns == stamp  # built once, then loaded
     assert all(torch.equal(trained[k], v) for k, v in again.state_dict().items())
+
+
+def test_stop_prob_reads_the_eos_probability_after_short_references(
+    ks, tiny, instruct_file, monkeypatch, capsys
+):
+    import torch
+
+    model, tok = tiny
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    monkeypatch.setattr(ks, "_lm", lambda: (model, tok))
+    monkeypatch.setattr(ks, "BENCHES", {"dolly": instruct_file})
+
+    class AlwaysEOS(torch.nn.Module):  # puts all its mass on EOS after any text
+        def forward(self, ids):
+            logits = torch.zeros(1, ids.shape[1], 100)
+            logits[..., tok.eos_token_id] = 50.0
+            return type("Out", (), {"logits": logits})()
+
+    models = {"teacher": AlwaysEOS(), "warmup": model}
+    monkeypatch.setattr(ks, "cell_model", lambda phase, tag, seed, base, tok: models[tag])
+    assert ks.main(["stop-prob", "--tags", "teacher", "warmup", "--rows", "2"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| teacher")]
+    assert lines == ["| teacher | 2 | 1.00 | 100% |"]  # the 2 first rows that fit the budget
