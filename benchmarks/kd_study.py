@@ -225,11 +225,11 @@ def _tuned(base, tok, files, out: Path, recipe: dict, layers: int) -> Path:
     return out / "student"
 
 
-def warmup(teacher, tok, files: dict[str, Path], work: Path | None = None) -> Path:
+def warmup(base, tok, files: dict[str, Path], work: Path | None = None) -> Path:
     """The SFT-warmed student every cell starts from (built once per ``work`` folder, on the
     warm-up rows only; cut from the untuned model, so it does not depend on ``TEACHER``)."""
-    files = warmup_files(teacher, tok, files, work or WORK)
-    return _tuned(teacher, tok, files, (work or WORK) / warmup_name(), WARMUP, LAYERS)
+    files = warmup_files(base, tok, files, work or WORK)
+    return _tuned(base, tok, files, (work or WORK) / warmup_name(), WARMUP, LAYERS)
 
 
 def tuned_teacher(base, tok, files: dict[str, Path], work: Path | None = None):
@@ -553,14 +553,14 @@ def verify(args) -> int:
     return 0
 
 
-def cell_model(phase_name: str, tag: str, seed: int, teacher, tok):
-    """The model a stored cell evaluated: the teacher, the warm-up student, or the arm's
-    trained student kept in its run folder."""
+def cell_model(phase_name: str, tag: str, seed: int, base, tok):
+    """The model a stored cell evaluated: the tuned teacher (built from ``base``), the warm-up
+    student, or the arm's trained student kept in its run folder."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if tag == "teacher":
-        return tuned_teacher(teacher, tok, split_rows())
+        return tuned_teacher(base, tok, split_rows())
     if tag == "warmup":
         folder = WORK / warmup_name() / "student"
     else:
@@ -590,8 +590,8 @@ def sampled(args) -> int:
         print(f"skip: {path} exists")
         return 0
     t0 = time.perf_counter()
-    teacher, tok = _lm()
-    model = cell_model(args.phase, args.method, args.seed, teacher, tok)
+    base, tok = _lm()
+    model = cell_model(args.phase, args.method, args.seed, base, tok)
     result = {
         "eval": evaluate_sampled(model, tok, PHASES[args.phase], args.rows, args.no_repeat),
         "tag": args.method,
@@ -608,6 +608,13 @@ def sampled(args) -> int:
     return 0
 
 
+def prompt_ids(row, tok) -> list[int]:
+    """A row's prompt in the chat template, as token ids (what every cell's models read)."""
+    from lmsmith.data.instruct import build_prompt
+
+    return tok(build_prompt(row, tok, True), add_special_tokens=False)["input_ids"]
+
+
 def teacher_on_loops(args) -> int:
     """Does the teacher endorse a student's loop? For every stored answer (each cell keeps 8 per
     benchmark) of at least 40 tokens, the teacher reads prompt + answer; over the answer's second
@@ -616,7 +623,7 @@ def teacher_on_loops(args) -> int:
     distribution at exactly these positions."""
     import torch
 
-    from lmsmith.data.instruct import build_prompt, load_instruct
+    from lmsmith.data.instruct import load_instruct
 
     folder = (Path(args.results_dir) if args.results_dir else RESULTS) / args.phase
     base, tok = _lm()
@@ -630,7 +637,7 @@ def teacher_on_loops(args) -> int:
             for bench, e in c["eval"].items():
                 for x in e.get("samples", []):
                     row = rows[bench][x["source"]]
-                    p = tok(build_prompt(row, tok, True), add_special_tokens=False)["input_ids"]
+                    p = prompt_ids(row, tok)
                     a = tok(x["prediction"], add_special_tokens=False)["input_ids"]
                     if len(a) < 40:
                         continue
@@ -660,7 +667,7 @@ def stop_prob(args) -> int:
     argmax."""
     import torch
 
-    from lmsmith.data.instruct import build_prompt, load_instruct
+    from lmsmith.data.instruct import load_instruct
 
     base, tok = _lm()
     budget = PHASES[args.phase]["max_new_tokens"]
@@ -668,8 +675,7 @@ def stop_prob(args) -> int:
     for r in load_instruct(BENCHES["dolly"]):
         a = tok(r.references[0], add_special_tokens=False)["input_ids"]
         if len(a) < budget:
-            p = tok(build_prompt(r, tok, True), add_special_tokens=False)["input_ids"]
-            rows.append((p, a))
+            rows.append((prompt_ids(r, tok), a))
         if len(rows) == args.rows:
             break
     out = ["| model | rows | P(EOS) after the reference | EOS is the argmax |", "|---|---|---|---|"]

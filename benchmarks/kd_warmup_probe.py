@@ -45,13 +45,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def encode(tok, rows, cut: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reference ids) pairs: chat template, the EOS appended, then the cut."""
-    from lmsmith.data.instruct import build_prompt
+    import kd_study as ks
 
     out = []
     for ex in rows:
-        p = tok(build_prompt(ex, tok, True), add_special_tokens=False)["input_ids"]
         r = tok(ex.references[0] + tok.eos_token, add_special_tokens=False)["input_ids"]
-        out.append((p, r[:cut]))
+        out.append((ks.prompt_ids(ex, tok), r[:cut]))
     return out
 
 
