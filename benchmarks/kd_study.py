@@ -991,6 +991,7 @@ def aggregate(args) -> int:
                 "resampling rows adds to a comparison): " + "; ".join(se) + "."]  # fmt: skip
     # the comparisons
     best = best_baseline(cells)
+    margins: list = []
     if PRIMARY in cells and best:
         others = [t for t in ARMS if t not in (PRIMARY, best) and t in cells]
         out += [
@@ -1022,9 +1023,15 @@ def aggregate(args) -> int:
                     + ("–" if t == best else f"{adj[t]:.3f}")
                     + " |"
                 )
-        out += _by_length(cells, best)
+        margins = _bucket_margins(cells, best)
+        out += _by_length(margins, best)
     out += _share_table(cells)
     out += _sampled_table(folder.parent / f"{args.phase}-sampled")
+    if args.doc:
+        plot = Path(args.doc).parent / f"kd_study_{args.phase}.png"
+        _study_plot(plot, cells, copy, best, margins)
+        alt = "every cell" + (f", and SWITCH − {best} by reference length" if margins else "")
+        out += ["", f"![{alt}]({plot.name})"]
     text = "\n".join(out)
     print(text)
     if args.doc:
@@ -1035,17 +1042,11 @@ def aggregate(args) -> int:
 BUCKETS = [(0, 16), (17, 64), (65, 128), (129, 10**9)]
 
 
-def _by_length(cells, best: str) -> list[str]:
-    """SWITCH − best baseline by reference-length bucket (both benchmarks' rows pooled)."""
+def _bucket_margins(cells, best: str) -> list[tuple[str, int, float, float, float, float, float]]:
+    """SWITCH − best baseline by reference-length bucket (both benchmarks' rows pooled, paired by
+    seed and row): (bucket, rows, SWITCH mean, baseline mean, difference, CI low, CI high)."""
     seeds = sorted(set(cells[PRIMARY]) & set(cells[best]))
-    out = [
-        "",
-        f"**By reference length** (words; SWITCH − {best} in ROUGE-L points, both benchmarks' rows pooled, "
-        "paired by seed and row, 95% bootstrap interval):",
-        "",
-        "| reference words | rows | SWITCH | " + best + " | SWITCH − " + best + " | 95% CI |",
-        "|---|---|---|---|---|---|",
-    ]
+    out = []
     for lo_w, hi_w in BUCKETS:
         a, b = [], []
         for s in seeds:
@@ -1062,12 +1063,72 @@ def _by_length(cells, best: str) -> list[str]:
             continue
         est, lo, hi, _ = paired_bootstrap(a, b, reps=1000)
         name = f"{lo_w}–{hi_w}" if hi_w < 10**9 else f">{lo_w - 1}"
+        mean_a = statistics.fmean(x for r in a for x in r)
+        mean_b = statistics.fmean(x for r in b for x in r)
+        out.append((name, len(a[0]), mean_a, mean_b, est, lo, hi))
+    return out
+
+
+def _by_length(margins, best: str) -> list[str]:
+    out = [
+        "",
+        f"**By reference length** (words; SWITCH − {best} in ROUGE-L points, both benchmarks' rows pooled, "
+        "paired by seed and row, 95% bootstrap interval):",
+        "",
+        "| reference words | rows | SWITCH | " + best + " | SWITCH − " + best + " | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, n, mean_a, mean_b, est, lo, hi in margins:
         out.append(
-            f"| {name} | {len(a[0])} | {statistics.fmean(x for r in a for x in r):.2f} | "
-            f"{statistics.fmean(x for r in b for x in r):.2f} | {est:+.2f} | "
-            f"[{lo:+.2f}, {hi:+.2f}] |"
+            f"| {name} | {n} | {mean_a:.2f} | {mean_b:.2f} | {est:+.2f} | [{lo:+.2f}, {hi:+.2f}] |"
         )
     return out
+
+
+def _study_plot(path: Path, cells, copy: dict[str, float], best: str | None, margins) -> None:
+    """The study at a glance: every cell's greedy ROUGE-L per arm (a dot per seed, the copy-the-
+    prompt baseline dashed, each arm's looping share written under it) and, once SWITCH and a
+    baseline exist, SWITCH − that baseline by reference length with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tags = table_order(cells)
+    fig, axes = plt.subplots(1, 2 if margins else 1, figsize=(12 if margins else 7, 4.5))
+    ax = axes[0] if margins else axes
+    for j, (bench, marker) in enumerate(zip(BENCHES, ("o", "s"))):
+        color = f"C{j}"
+        for i, t in enumerate(tags):
+            ys = [c["eval"][bench]["rougeL"] for c in cells[t].values()]
+            xs = [i + (j - 0.5) * 0.25] * len(ys)
+            ax.scatter(xs, ys, marker=marker, color=color, alpha=0.7, s=22,
+                       label=bench if i == 0 else None)  # fmt: skip
+            ax.hlines(statistics.fmean(ys), xs[0] - 0.1, xs[0] + 0.1, color=color, lw=2)
+        ax.axhline(copy[bench], color=color, ls="--", lw=1,
+                   label=f"copy the prompt ({bench})")  # fmt: skip
+    ax.set_xticks(
+        range(len(tags)),
+        [f"{t}\n{loop_text(cells[t].values())} loop" for t in tags],
+        fontsize=8,
+    )
+    ax.set_ylabel("greedy ROUGE-L (dot: one training seed; bar: mean)")
+    ax.set_title("Every cell")
+    ax.legend(fontsize=7)
+    if margins:
+        ax = axes[1]
+        names = [m[0] for m in margins]
+        est = [m[4] for m in margins]
+        err = [[m[4] - m[5] for m in margins], [m[6] - m[4] for m in margins]]
+        ax.errorbar(range(len(names)), est, yerr=err, fmt="o", capsize=4, color="black")
+        ax.axhline(0, color="grey", lw=1)
+        ax.set_xticks(range(len(names)), [f"{n}\n({m[1]} rows)" for n, m in zip(names, margins)])
+        ax.set_xlabel("reference length (words)")
+        ax.set_ylabel(f"SWITCH − {best} (ROUGE-L points, 95% CI)")
+        ax.set_title(f"SWITCH against {best} by reference length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _sampled_table(folder: Path) -> list[str]:

@@ -125,6 +125,8 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     assert "| switch | 3 | 20.78 ± 0.03 |" in text  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
     body = doc.read_text()
     assert body.startswith("x\n") and body.endswith("y\n") and "old" not in body
+    assert "![every cell, and SWITCH − gkd by reference length](kd_study_main.png)" in body
+    assert (tmp_path / "kd_study_main.png").stat().st_size > 10_000  # drawn beside the doc
 
 
 def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
