@@ -1023,6 +1023,7 @@ def aggregate(args) -> int:
                     + ("–" if t == best else f"{adj[t]:.3f}")
                     + " |"
                 )
+        out += _loop_free(cells, [best, *others])
         margins = _bucket_margins(cells, best)
         out += _by_length(margins, best)
     out += _share_table(cells)
@@ -1040,6 +1041,44 @@ def aggregate(args) -> int:
 
 
 BUCKETS = [(0, 16), (17, 64), (65, 128), (129, 10**9)]
+
+
+def _loop_free(cells, arms: list[str]) -> list[str]:
+    """SWITCH − each arm on the rows where no cell of either loops: whether a difference is
+    only loop amplification or also in the answers that stop. The rows are chosen by the
+    outcome, so this reads beside the all-rows comparison, not instead of it."""
+    out = [
+        "",
+        "**Without the loops** (SWITCH − arm on the rows where no cell of either arm loops, "
+        "paired by seed and row, 95% bootstrap interval):",
+        "",
+        "| arm | benchmark | seeds | rows kept | SWITCH | arm | SWITCH − arm | 95% CI |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for b in BENCHES:
+        for t in arms:
+            seeds = sorted(set(cells[PRIMARY]) & set(cells[t]))
+            evals = [cells[x][s]["eval"][b] for x in (PRIMARY, t) for s in seeds]
+            if not evals or any("repeat_share" not in e for e in evals):
+                continue  # cells from before answers were checked for loops
+            keep = [
+                i
+                for i in range(len(evals[0]["repeat_share"]))
+                if all(e["repeat_share"][i] <= LOOPING for e in evals)
+            ]
+            if len(keep) < 2:
+                continue
+            a = [[cells[PRIMARY][s]["eval"][b]["row_rougeL"][i] for i in keep] for s in seeds]
+            o = [[cells[t][s]["eval"][b]["row_rougeL"][i] for i in keep] for s in seeds]
+            est, lo, hi, _ = paired_bootstrap(a, o, reps=1000)
+            n = len(evals[0]["repeat_share"])
+            mean_a = statistics.fmean(x for r in a for x in r)
+            mean_o = statistics.fmean(x for r in o for x in r)
+            out.append(
+                f"| {t} | {b} | {len(seeds)} | {len(keep)}/{n} | {mean_a:.2f} | {mean_o:.2f} | "
+                f"{est:+.2f} | [{lo:+.2f}, {hi:+.2f}] |"
+            )
+    return out
 
 
 def _bucket_margins(cells, best: str) -> list[tuple[str, int, float, float, float, float, float]]:

@@ -112,6 +112,9 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
         for tag, off in (("switch", 0.02), ("gkd", 0.0), ("distillm", -0.01), ("sft", -0.02)):
             d = [100 * x for x in (0.1 + off + 0.001 * s, 0.2 + off, 0.3 + off, 0.15 + off)]
             c = _cell(tag, s, d, [x / 2 for x in d], share=0.4 if "switch" in tag else None)
+            for e in c["eval"].values():  # SWITCH s1 loops on the last row, GKD s2 on the first
+                e["repeat_share"] = [0.0, 0.1, 0.0, 0.9 if (tag, s) == ("switch", 1) else 0.0]
+                e["repeat_share"][0] = 0.8 if (tag, s) == ("gkd", 2) else 0.0
             (folder / f"{tag}-s{s}.json").write_text(json.dumps(c))
     doc = tmp_path / "r.md"
     doc.write_text("x\n<!-- kd-study-main: begin -->\nold\n<!-- kd-study-main: end -->\ny\n")
@@ -121,6 +124,8 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| gkd (primary) | dolly | 3 | +2.00 |" in text  # GKD beats DistiLLM here
     assert "| sft | dolly | 3 | +4.00 |" in text
+    assert "| gkd | dolly | 3 | 2/4 | 27.00 | 25.00 | +2.00 |" in text  # rows 1-2 only
+    assert "| sft | dolly | 3 | 3/4 |" in text  # SFT never loops: only SWITCH's loop drops
     assert "sd of the paired difference" in text and "| 0-15 | 16-63 |" in text
     assert "| switch | 3 | 20.78 ± 0.03 |" in text  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
     body = doc.read_text()
