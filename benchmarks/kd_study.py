@@ -660,11 +660,12 @@ def teacher_on_loops(args) -> int:
 
 
 def stop_prob(args) -> int:
-    """Does an arm still know where an answer ends? On the first Dolly-valid rows whose whole
-    reference fits the study's token budget, each model reads prompt + reference and gives the
-    probability of the end-of-sequence token right after it (the target SFT trains to 1 there;
-    distilling arms train towards the teacher's value), and the share of rows where EOS is its
-    argmax."""
+    """Does an arm still know where an answer ends, and how sharp has it become? On the first
+    Dolly-valid rows whose whole reference fits the study's token budget, each model reads
+    prompt + reference and gives the probability of the end-of-sequence token right after it
+    (the target SFT trains to 1 there; distilling arms train towards the teacher's value), the
+    share of rows where EOS is its argmax and, over the reference's tokens, its mean entropy,
+    its mean top-1 probability and the reference's negative log-likelihood (nats per token)."""
     import torch
 
     from lmsmith.data.instruct import load_instruct
@@ -678,17 +679,28 @@ def stop_prob(args) -> int:
             rows.append((prompt_ids(r, tok), a))
         if len(rows) == args.rows:
             break
-    out = ["| model | rows | P(EOS) after the reference | EOS is the argmax |", "|---|---|---|---|"]
+    out = [
+        "| model | rows | P(EOS) after the reference | EOS is the argmax "
+        "| entropy on the reference (nats) | top-1 probability | NLL of the reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for tag in args.tags:
         model = cell_model(args.phase, tag, args.seed, base, tok).eval()
-        probs, top = [], []
+        probs, top, ent, top1, nll = [], [], [], [], []
         with torch.no_grad():
             for p, a in rows:
-                last = model(torch.tensor([p + a])).logits[0, -1].softmax(-1)
+                logp = model(torch.tensor([p + a])).logits[0].float().log_softmax(-1)
+                last = logp[-1].exp()
                 probs.append(last[tok.eos_token_id].item())
                 top.append(int(last.argmax().item() == tok.eos_token_id))
+                ans = logp[len(p) - 1 : -1]  # the positions that predict the reference's tokens
+                ent += (-(ans.exp() * ans).sum(-1)).tolist()
+                top1 += ans.max(-1).values.exp().tolist()
+                nll += (-ans.gather(1, torch.tensor(a)[:, None])[:, 0]).tolist()
         out.append(
-            f"| {tag} | {len(rows)} | {statistics.fmean(probs):.2f} | {statistics.fmean(top):.0%} |"
+            f"| {tag} | {len(rows)} | {statistics.fmean(probs):.2f} | {statistics.fmean(top):.0%} "
+            f"| {statistics.fmean(ent):.2f} | {statistics.fmean(top1):.2f} "
+            f"| {statistics.fmean(nll):.2f} |"
         )
     print("\n".join(out))
     return 0
@@ -1305,7 +1317,9 @@ def main(argv=None) -> int:
     )  # fmt: skip
     lp.add_argument("--phase", choices=list(PHASES), default="main")
     lp.add_argument("--results-dir", default=None)
-    st = sub.add_parser("stop-prob", help="P(EOS) right after whole short references")
+    st = sub.add_parser(
+        "stop-prob", help="P(EOS) right after whole short references, and sharpness on them"
+    )
     st.add_argument("--tags", nargs="+", default=["teacher", "warmup", *ARMS])
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--phase", choices=list(PHASES), default="main")

@@ -402,4 +402,6 @@ def test_stop_prob_reads_the_eos_probability_after_short_references(
     monkeypatch.setattr(ks, "cell_model", lambda phase, tag, seed, base, tok: models[tag])
     assert ks.main(["stop-prob", "--tags", "teacher", "warmup", "--rows", "2"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| teacher")]
-    assert lines == ["| teacher | 2 | 1.00 | 100% |"]  # the 2 first rows that fit the budget
+    # the 2 first rows that fit the budget; all mass on EOS: no entropy, and the reference's
+    # tokens (never EOS) cost 50 nats each
+    assert lines == ["| teacher | 2 | 1.00 | 100% | 0.00 | 1.00 | 50.00 |"]
