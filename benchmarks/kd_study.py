@@ -1055,6 +1055,13 @@ def aggregate(args) -> int:
 BUCKETS = [(0, 16), (17, 64), (65, 128), (129, 10**9)]
 
 
+def _paired_means(a: list[list[float]], b: list[list[float]]):
+    """Means of A and B (seeds x rows) and A − B with its 95% paired bootstrap interval."""
+    est, lo, hi, _ = paired_bootstrap(a, b, reps=1000)
+    flat = [statistics.fmean(x for r in m for x in r) for m in (a, b)]
+    return flat[0], flat[1], est, lo, hi
+
+
 def _loop_free(cells, arms: list[str]) -> list[str]:
     """SWITCH − each arm on the rows where no cell of either loops: whether a difference is
     only loop amplification or also in the answers that stop. The rows are chosen by the
@@ -1082,10 +1089,8 @@ def _loop_free(cells, arms: list[str]) -> list[str]:
                 continue
             a = [[cells[PRIMARY][s]["eval"][b]["row_rougeL"][i] for i in keep] for s in seeds]
             o = [[cells[t][s]["eval"][b]["row_rougeL"][i] for i in keep] for s in seeds]
-            est, lo, hi, _ = paired_bootstrap(a, o, reps=1000)
+            mean_a, mean_o, est, lo, hi = _paired_means(a, o)
             n = len(evals[0]["repeat_share"])
-            mean_a = statistics.fmean(x for r in a for x in r)
-            mean_o = statistics.fmean(x for r in o for x in r)
             out.append(
                 f"| {t} | {b} | {len(seeds)} | {len(keep)}/{n} | {mean_a:.2f} | {mean_o:.2f} | "
                 f"{est:+.2f} | [{lo:+.2f}, {hi:+.2f}] |"
@@ -1112,11 +1117,8 @@ def _bucket_margins(cells, best: str) -> list[tuple[str, int, float, float, floa
             b.append(rb)
         if not a or not a[0]:
             continue
-        est, lo, hi, _ = paired_bootstrap(a, b, reps=1000)
         name = f"{lo_w}–{hi_w}" if hi_w < 10**9 else f">{lo_w - 1}"
-        mean_a = statistics.fmean(x for r in a for x in r)
-        mean_b = statistics.fmean(x for r in b for x in r)
-        out.append((name, len(a[0]), mean_a, mean_b, est, lo, hi))
+        out.append((name, len(a[0]), *_paired_means(a, b)))
     return out
 
 
