@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import shutil
 import statistics
 import sys
@@ -792,39 +791,87 @@ def grid(args) -> int:
 
 
 def load_cells(folder: Path) -> dict[str, dict[int, dict]]:
+    """Every cell in ``folder`` by tag and seed; two files for one cell are refused."""
     out: dict[str, dict[int, dict]] = {}
+    where: dict[tuple, Path] = {}
     for p in sorted(folder.glob("*.json")):
         c = json.loads(p.read_text())
+        key = (c["tag"], c["seed"])
+        if key in where:
+            raise SystemExit(f"{p} and {where[key]} are both {c['tag']} seed {c['seed']}")
+        where[key] = p
         out.setdefault(c["tag"], {})[c["seed"]] = c
     return out
+
+
+def _row_key(row_id: str) -> str:
+    """A row id without the folder the data lay in: benchmark folder, file and line."""
+    return "/".join(row_id.replace("\\", "/").split("/")[-2:])
+
+
+def check_rows(cells: dict[str, dict[int, dict]], folder: Path) -> None:
+    """Refuse cells that cannot be paired row by row: a benchmark missing, per-row lists of the
+    wrong length, or rows that are not the same rows in the same order as the other cells'."""
+    first: dict[str, tuple[str, list[str]]] = {}
+    for tag, by_seed in cells.items():
+        for seed, c in by_seed.items():
+            name = folder / f"{tag}-s{seed}.json"
+            for b in BENCHES:
+                e = c["eval"].get(b)
+                if e is None:
+                    raise SystemExit(f"{name}: no {b!r} evaluation (expected {list(BENCHES)})")
+                n = len(e["row_rougeL"])
+                for k in ("gen_tokens", "repeat_share", "ref_words"):
+                    if k in e and len(e[k]) != n:
+                        raise SystemExit(f"{name}: {b}.{k} has {len(e[k])} rows, row_rougeL {n}")
+                ids = [_row_key(r) for r in e.get("rows") or []]
+                if not ids:
+                    continue
+                if len(ids) != n:
+                    raise SystemExit(f"{name}: {b}.rows has {len(ids)} ids, row_rougeL {n}")
+                seen = first.setdefault(b, (str(name), ids))
+                if seen[1] != ids:
+                    raise SystemExit(
+                        f"{name}: {b}'s rows differ from {seen[0]}'s (order or content); "
+                        "cells are compared row by row"
+                    )
 
 
 def row_matrix(cells: dict[int, dict], bench: str, seeds: list[int]) -> list[list[float]]:
     return [cells[s]["eval"][bench]["row_rougeL"] for s in seeds]
 
 
-def paired_bootstrap(a: list[list[float]], b: list[list[float]], reps: int = 2000, seed: int = 0):
-    """Mean of A − B (ROUGE-L points) over seeds and rows, with a 95% interval from resampling seeds and
-    rows (both paired) and a two-sided bootstrap p-value. ``a``/``b``: seeds × rows."""
-    d = [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+def paired_interval(a: list[list[float]], b: list[list[float]]):
+    """Mean of A − B (ROUGE-L points) over seeds and rows, a 95% interval and a two-sided p for
+    a new draw of both training seeds and evaluation rows. ``a``/``b``: seeds × rows, paired.
+
+    Two variance components, each from the paired differences: the spread of the per-seed means
+    over seeds (sd² / n seeds) and the spread of the seed-averaged row differences over rows
+    (sd² / n rows); their sum is the squared standard error (a little conservative: the
+    seed-by-row interaction counts in both). Student t with Welch–Satterthwaite degrees of
+    freedom, so that few seeds give a wide interval. With one seed there is no seed component:
+    the interval covers rows only and the caller must say so. Returns (mean, low, high, p)."""
+    from scipy import stats
+
+    d = [[x - y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
     n_s, n_r = len(d), len(d[0])
-    rng = random.Random(seed)
-    seed_means = [sum(r) / n_r for r in d]
-    est = sum(seed_means) / n_s
-    boots = []
-    for _ in range(reps):
-        rows = [rng.randrange(n_r) for _ in range(n_r)]
-        ss = [rng.randrange(n_s) for _ in range(n_s)] if n_s > 1 else [0]
-        boots.append(sum(sum(d[s][r] for r in rows) / n_r for s in ss) / len(ss))
-    boots.sort()
-    lo, hi = boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1]
-    # two-sided p: how often the centred bootstrap is at least as far from 0 as the estimate
-    p = sum(abs(x - est) >= abs(est) for x in boots) / reps
-    return est, lo, hi, max(p, 1 / reps)
+    seed_means = [statistics.fmean(r) for r in d]
+    est = statistics.fmean(seed_means)
+    row_means = [statistics.fmean(r[i] for r in d) for i in range(n_r)]
+    v_rows = statistics.variance(row_means) / n_r if n_r > 1 else 0.0
+    v_seeds = statistics.variance(seed_means) / n_s if n_s > 1 else 0.0
+    se = math.sqrt(v_rows + v_seeds)
+    if se == 0:
+        return est, est, est, (0.0 if est else 1.0)
+    parts = [(v, k - 1) for v, k in ((v_seeds, n_s), (v_rows, n_r)) if v > 0]
+    df = (v_rows + v_seeds) ** 2 / sum(v * v / k for v, k in parts)
+    q = float(stats.t.ppf(0.975, df))
+    p = float(2 * stats.t.sf(abs(est) / se, df))
+    return est, est - q * se, est + q * se, p
 
 
-def holm(pvals: dict[str, float]) -> dict[str, float]:
-    """Holm-adjusted p-values."""
+def holm(pvals: dict) -> dict:
+    """Holm-adjusted p-values (step-down, monotone, capped at 1)."""
     order = sorted(pvals, key=pvals.get)
     out, run = {}, 0.0
     for i, k in enumerate(order):
@@ -833,38 +880,38 @@ def holm(pvals: dict[str, float]) -> dict[str, float]:
     return out
 
 
-# Student-t quantiles for df = 1..30: two-sided 5% (0.975) and 80% power (0.80)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip
-_T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873,
-        0.870, 0.868, 0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857,
-        0.856, 0.856, 0.855, 0.855, 0.854, 0.854]  # fmt: skip
+def _p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def seeds_needed(sd: float, delta: float) -> int:
     """Seeds for a paired t-test on per-seed differences to detect ``delta`` at 80% power,
     two-sided 5%, given the standard deviation ``sd`` of the per-seed difference: the smallest n
-    with n >= ((t_0.975 + t_0.80 at n - 1 df) sd / delta)^2 (normal quantiles past 30 df). The
-    evaluation rows are fixed; the bootstrap interval, which also resamples rows, is wider."""
+    with n >= ((t_0.975 + t_0.80 at n - 1 df) sd / delta)^2. The evaluation rows are fixed;
+    the interval of ``paired_interval``, which also counts rows, is wider."""
+    from scipy import stats
+
     if delta <= 0:
         return math.inf  # type: ignore[return-value]
     for n in range(2, 100_000):
-        df = n - 1
-        t = _T975[df - 1] + _T80[df - 1] if df <= 30 else 1.96 + 0.8416
+        t = stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)
         if n >= (t * sd / delta) ** 2:
             return n
     return math.inf  # type: ignore[return-value]
 
 
 def best_baseline(cells: dict[str, dict[int, dict]]) -> str | None:
-    """The better of GKD and DistiLLM by its mean greedy ROUGE-L (the mean over its cells of
-    the two benchmarks' means)."""
+    """The better of GKD and DistiLLM by mean greedy ROUGE-L (the mean over cells of the
+    benchmarks' means), on the seeds both have (all of each one's seeds while they share none),
+    so that an arm's extra seeds do not pick the comparator."""
+    have = [t for t in BASELINES if cells.get(t)]
+    shared = set.intersection(*(set(cells[t]) for t in have)) if have else set()
     means = {}
-    for t in BASELINES:
-        if cells.get(t):
-            v = [c["eval"][b]["rougeL"] for c in cells[t].values() for b in c["eval"]]
-            means[t] = statistics.fmean(v)
+    for t in have:
+        cs = [c for s, c in cells[t].items() if s in shared or not shared]
+        means[t] = statistics.fmean(c["eval"][b]["rougeL"] for c in cs for b in BENCHES)
     return max(means, key=means.get) if means else None
 
 
@@ -913,17 +960,111 @@ def _ms(xs, scale=1.0) -> str:
     return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
+def _noise_table(cells) -> list[str]:
+    """The seed noise of the primary metric and the seeds a comparison needs. Planned by the
+    larger of two estimates of the sd of a per-seed difference: √2 × SWITCH's seed sd (arms
+    uncorrelated) and, once SWITCH and GKD share three seeds, the sd of their paired difference
+    (two shared seeds give it one degree of freedom, too few to plan by)."""
+    out = ["", "**Noise** (ROUGE-L points; sds of per-seed means):", ""]
+    sw = sorted(cells.get(PRIMARY, {}))
+    if len(sw) < 2:
+        return out + ["(needs at least two seeds of SWITCH)"]
+    common = sorted(set(sw) & set(cells.get("gkd", {})))
+    out += [
+        "| benchmark | SWITCH seeds | sd of SWITCH | √2 × that | seeds shared with GKD "
+        "| sd of SWITCH − GKD over them | planned sd | seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for b in BENCHES:
+        sd = statistics.stdev(cells[PRIMARY][s]["eval"][b]["rougeL"] for s in sw)
+        paired = None
+        if len(common) >= 3:
+            paired = statistics.stdev(
+                cells[PRIMARY][s]["eval"][b]["rougeL"] - cells["gkd"][s]["eval"][b]["rougeL"]
+                for s in common
+            )
+        plan = max(math.sqrt(2) * sd, paired or 0.0)
+        need = " / ".join(str(seeds_needed(plan, d)) for d in (0.4, 0.7, 1.0))
+        shown = f"{paired:.2f}" if paired is not None else "– (needs 3)"
+        out.append(
+            f"| {b} | {len(sw)} | {sd:.2f} | {math.sqrt(2) * sd:.2f} | {len(common)} | {shown} "
+            f"| {plan:.2f} | {need} |"
+        )
+    best = best_baseline(cells)
+    shared = sorted(set(sw) & set(cells.get(best, {}))) if best else []
+    if shared:
+        se = []
+        for b in BENCHES:
+            a, o = row_matrix(cells[PRIMARY], b, shared), row_matrix(cells[best], b, shared)
+            rows = [statistics.fmean(x - y for x, y in zip(ca, co)) for ca, co in
+                    zip(zip(*a), zip(*o))]  # fmt: skip
+            se.append(f"{b} {statistics.stdev(rows) / math.sqrt(len(rows)):.2f}")
+        out += [
+            "",
+            f"Standard error that the evaluation rows alone put on SWITCH − {best} (sd of the "
+            f"row differences averaged over the {len(shared)} shared seeds, / √rows): "
+            + "; ".join(se)
+            + ".",
+        ]
+    return out
+
+
+MIN_SEEDS_P = 3  # shared seeds before a comparison gets a p-value
+
+
+def _comparisons(cells, best: str, others: list[str]) -> list[str]:
+    """SWITCH − each arm, paired by seed and row (``paired_interval``); Holm over the primary's
+    benchmarks and, separately, over all the other comparisons."""
+    res = {}
+    for b in BENCHES:
+        for t in [best, *others]:
+            seeds = sorted(set(cells[PRIMARY]) & set(cells[t]))
+            if seeds:
+                r = paired_interval(
+                    row_matrix(cells[PRIMARY], b, seeds), row_matrix(cells[t], b, seeds)
+                )
+                res[(t, b)] = (len(seeds), *r)
+    adj = {}
+    for group in ([k for k in res if k[0] == best], [k for k in res if k[0] != best]):
+        adj.update(holm({k: res[k][4] for k in group if res[k][0] >= MIN_SEEDS_P}))
+    out = [
+        "",
+        "**SWITCH against the other arms** (mean of SWITCH − arm in ROUGE-L points, paired by "
+        "seed and row; the 95% interval and two-sided p count both the seed-to-seed spread of the "
+        "difference and the row-to-row spread, t with Welch–Satterthwaite df (methods.md); with "
+        "one shared seed the interval covers the rows only, and p is given from "
+        f"{MIN_SEEDS_P} shared seeds on (fewer estimate the seed spread with at most one "
+        "degree of freedom). Primary: SWITCH "
+        f"against the better of GKD and DistiLLM on their shared seeds, here **{best}**, Holm "
+        "over its two benchmarks; Holm over all the other comparisons together):",
+        "",
+        "| arm | benchmark | seeds | SWITCH − arm | 95% CI | p | Holm p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (t, b), (n, est, lo, hi, p) in res.items():
+        ci = f"[{lo:+.2f}, {hi:+.2f}]" + (" rows only" if n == 1 else "")
+        out.append(
+            f"| {t}{' (primary)' if t == best else ''} | {b} | {n} | {est:+.2f} | {ci} | "
+            f"{_p(p if n >= MIN_SEEDS_P else None)} | {_p(adj.get((t, b)))} |"
+        )
+    return out
+
+
 def aggregate(args) -> int:
     folder = (Path(args.results_dir) if args.results_dir else RESULTS) / args.phase
     cells = load_cells(folder)
     if not cells:
         print("no cells yet")
         return 1
+    check_rows(cells, folder)
     benches = list(BENCHES)
     tags = table_order(cells)
     out = [
         f"**Cells** ({args.phase} phase; greedy ROUGE-L (×100, as `lmsmith eval` reports it) on all rows, mean ± std over "
-        "training seeds; generation length in tokens, mean over rows and seeds):",
+        "training seeds; Dolly generation length in tokens (the answer re-tokenized after "
+        "stripping whitespace), mean over rows and seeds; an answer counts as stopped when that "
+        "length is below the cap minus one, since an answer cut at the cap re-tokenizes to "
+        "about the cap minus one; looping answers over both benchmarks' rows):",
         "",
         "| arm | seeds | " + " | ".join(benches) + " | gen tokens (Dolly) | stopped before the cap "
         "| looping answers | teacher-written tokens | train s | eval s |",
@@ -942,7 +1083,7 @@ def aggregate(args) -> int:
             str(len(cs)),
             *(_ms([c["eval"][b]["rougeL"] for c in cs]) for b in benches),
             f"{statistics.fmean(gl):.1f}",
-            f"{100 * sum(x < cap for x in gl) / len(gl):.0f}%",
+            f"{100 * sum(x < cap - 1 for x in gl) / len(gl):.0f}%",
             loop_text(cs),
             f"{_ms(share, 100)}%" if share else "–",
             f"{statistics.fmean(tr):.0f}" if tr else "–",
@@ -964,77 +1105,13 @@ def aggregate(args) -> int:
             "between such arms do not rank distillation methods.",
         ]
     # the noise, and the seeds it takes
-    out += ["", "**Noise** (ROUGE-L points; per-seed means, paired by seed):", ""]
-    pilot = [t for t in PILOT if t in cells]
-    common = sorted(set.intersection(*(set(cells[t]) for t in pilot))) if len(pilot) == 2 else []
-    if len(common) >= 2:
-        out += ["| benchmark | seeds | sd of SWITCH | sd of GKD | sd of the paired difference "
-                "| seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |", "|---|---|---|---|---|---|"]  # fmt: skip
-        for b in benches:
-            sw = [cells["switch"][s]["eval"][b]["rougeL"] for s in common]
-            gk = [cells["gkd"][s]["eval"][b]["rougeL"] for s in common]
-            sd = statistics.stdev([x - y for x, y in zip(sw, gk)])
-            need = " / ".join(str(seeds_needed(sd, d)) for d in (0.4, 0.7, 1.0))
-            out.append(
-                f"| {b} | {len(common)} | {statistics.stdev(sw):.2f} | {statistics.stdev(gk):.2f} "
-                f"| {sd:.2f} | {need} |"
-            )
-    elif len(cells.get(PRIMARY, {})) >= 2:
-        # one arm's seed spread: the paired difference of two such arms, uncorrelated, has
-        # sd sqrt(2) x theirs (pairing by seed only helps if the arms' seeds correlate)
-        seeds = sorted(cells[PRIMARY])
-        out += ["| benchmark | SWITCH seeds | sd of SWITCH | assumed sd of a difference (√2 ×) "
-                "| seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |", "|---|---|---|---|---|"]  # fmt: skip
-        for b in benches:
-            sd = statistics.stdev(cells[PRIMARY][s]["eval"][b]["rougeL"] for s in seeds)
-            need = " / ".join(str(seeds_needed(math.sqrt(2) * sd, d)) for d in (0.4, 0.7, 1.0))
-            out.append(f"| {b} | {len(seeds)} | {sd:.2f} | {math.sqrt(2) * sd:.2f} | {need} |")
-    else:
-        out.append("(needs at least two seeds of SWITCH)")
-    # what the fixed evaluation rows alone contribute: the standard error of one cell's mean
-    se = []
-    for t in (PRIMARY, "warmup"):
-        for c in cells.get(t, {}).values():
-            for b in benches:
-                r = c["eval"][b]["row_rougeL"]
-                se.append(f"{t} s{c['seed']} {b}: {statistics.stdev(r) / math.sqrt(len(r)):.2f}")
-    if se:
-        out += ["", "Standard error of one cell's mean over its evaluation rows (what "
-                "resampling rows adds to a comparison): " + "; ".join(se) + "."]  # fmt: skip
+    out += _noise_table(cells)
     # the comparisons
     best = best_baseline(cells)
     margins: list = []
     if PRIMARY in cells and best:
         others = [t for t in ARMS if t not in (PRIMARY, best) and t in cells]
-        out += [
-            "",
-            f"**SWITCH against the other arms** (mean of SWITCH − arm in ROUGE-L points, paired by seed, 95% "
-            f"bootstrap interval over seeds and rows; p two-sided; the primary comparison is with "
-            f"the better of GKD and DistiLLM, here **{best}**; Holm over the others):",
-            "",
-            "| arm | benchmark | seeds | SWITCH − arm | 95% CI | p | Holm p |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for b in benches:
-            res, ps = {}, {}
-            for t in [best, *others]:
-                seeds = sorted(set(cells[PRIMARY]) & set(cells[t]))
-                if not seeds:
-                    continue
-                r = paired_bootstrap(
-                    row_matrix(cells[PRIMARY], b, seeds), row_matrix(cells[t], b, seeds)
-                )
-                res[t] = (len(seeds), *r)
-                if t != best:
-                    ps[t] = r[3]
-            adj = holm(ps)
-            for t, (n, est, lo, hi, p) in res.items():
-                out.append(
-                    f"| {t}{' (primary)' if t == best else ''} | {b} | {n} | {est:+.2f} | "
-                    f"[{lo:+.2f}, {hi:+.2f}] | {p:.3f} | "
-                    + ("–" if t == best else f"{adj[t]:.3f}")
-                    + " |"
-                )
+        out += _comparisons(cells, best, others)
         out += _loop_free(cells, [best, *others])
         margins = _bucket_margins(cells, best)
         out += _by_length(margins, best)
@@ -1056,8 +1133,8 @@ BUCKETS = [(0, 16), (17, 64), (65, 128), (129, 10**9)]
 
 
 def _paired_means(a: list[list[float]], b: list[list[float]]):
-    """Means of A and B (seeds x rows) and A − B with its 95% paired bootstrap interval."""
-    est, lo, hi, _ = paired_bootstrap(a, b, reps=1000)
+    """Means of A and B (seeds x rows) and A − B with its 95% interval (``paired_interval``)."""
+    est, lo, hi, _ = paired_interval(a, b)
     flat = [statistics.fmean(x for r in m for x in r) for m in (a, b)]
     return flat[0], flat[1], est, lo, hi
 
@@ -1069,7 +1146,7 @@ def _loop_free(cells, arms: list[str]) -> list[str]:
     out = [
         "",
         "**Without the loops** (SWITCH − arm on the rows where no cell of either arm loops, "
-        "paired by seed and row, 95% bootstrap interval):",
+        "paired by seed and row, 95% interval as above):",
         "",
         "| arm | benchmark | seeds | rows kept | SWITCH | arm | SWITCH − arm | 95% CI |",
         "|---|---|---|---|---|---|---|---|",
@@ -1126,7 +1203,7 @@ def _by_length(margins, best: str) -> list[str]:
     out = [
         "",
         f"**By reference length** (words; SWITCH − {best} in ROUGE-L points, both benchmarks' rows pooled, "
-        "paired by seed and row, 95% bootstrap interval):",
+        "paired by seed and row, 95% interval as above):",
         "",
         "| reference words | rows | SWITCH | " + best + " | SWITCH − " + best + " | 95% CI |",
         "|---|---|---|---|---|---|",

@@ -69,17 +69,32 @@ def test_grid_runs_the_pilot_first_and_every_arm_for_every_seed(ks):
     assert {(t, s) for t in ks.ARMS for s in range(6)} <= set(cells)
 
 
-def test_paired_bootstrap_finds_a_shift_and_not_noise(ks):
+def test_paired_interval_finds_a_shift_and_not_noise(ks):
     rng = random.Random(0)
     base = [[100 * rng.random() for _ in range(200)] for _ in range(4)]
-    same = ks.paired_bootstrap(base, base)
-    assert same[0] == 0 and same[1] <= 0 <= same[2]
+    same = ks.paired_interval(base, base)
+    assert same == (0, 0, 0, 1.0)
     shifted = [[x + 5.0 for x in r] for r in base]
-    est, lo, hi, p = ks.paired_bootstrap(shifted, base)
-    assert est == pytest.approx(5.0) and lo == pytest.approx(5.0) and p < 0.01
+    est, lo, hi, p = ks.paired_interval(shifted, base)
+    assert est == pytest.approx(5.0) and lo == pytest.approx(5.0) and p == 0.0
     noisy = [[x + rng.gauss(0, 20.0) for x in r] for r in base]
-    est, lo, hi, p = ks.paired_bootstrap(noisy, base)
+    est, lo, hi, p = ks.paired_interval(noisy, base)
     assert lo < est < hi and lo < 0 < hi and p > 0.05
+
+
+def test_few_seeds_give_a_wide_interval_not_a_row_only_one(ks):
+    """Two seeds 2 points apart in their difference: the seed spread, not the 200 rows, sets the
+    width (the session-10 bootstrap gave p 0.001 on data like this)."""
+    rng = random.Random(1)
+    base = [[50 + rng.gauss(0, 10) for _ in range(200)] for _ in range(2)]
+    a = [[x - 1.0 + 2.0 * s + rng.gauss(0, 1) for x in r] for s, r in enumerate(base)]
+    est, lo, hi, p = ks.paired_interval(a, base)
+    assert est == pytest.approx(0.0, abs=0.2)
+    assert hi - lo > 10  # t with about one df: 12.7 x 1.0 on each side
+    noise = [rng.gauss(0, 1) for _ in range(200)]  # the same rows' noise in both seeds
+    a = [[x + 1.0 + e for x, e in zip(r, noise)] for r in base]
+    est, lo, hi, p = ks.paired_interval(a, base)  # the seeds agree: the rows set the width
+    assert 0.7 < lo < est < hi < 1.3 and p < 0.001
 
 
 def test_holm_and_seeds_needed(ks):
@@ -88,7 +103,10 @@ def test_holm_and_seeds_needed(ks):
     # t quantiles: n = 9 needs (2.306 + 0.889)^2 = 10.2 > 9; n = 10 needs 9.9
     assert ks.seeds_needed(1.0, 1.0) == 10
     assert ks.seeds_needed(0.5, 1.0) == 5  # (2.776 + 0.941)^2 / 4 = 3.5 <= 5; n = 4: 4.3 > 4
-    assert ks.seeds_needed(1.0, 0.5) == 32  # past 30 df: 4 x 7.84 = 31.4
+    assert ks.seeds_needed(1.0, 0.5) == 34  # t quantiles past 30 df too: n = 33 needs 33.4
+    assert ks.holm({"a": 0.3, "b": 0.6}) == {"a": 0.6, "b": 0.6}
+    assert ks.holm({"a": 0.7, "b": 0.8}) == {"a": 1.0, "b": 1.0}  # capped at 1
+    assert ks._p(0.0004) == "<0.001" and ks._p(0.0123) == "0.012" and ks._p(None) == "–"
     assert ks.seeds_needed(2.0, 1.0) > ks.seeds_needed(1.0, 1.0)
 
 
@@ -126,7 +144,8 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     assert "| sft | dolly | 3 | +4.00 |" in text
     assert "| gkd | dolly | 3 | 2/4 | 27.00 | 25.00 | +2.00 |" in text  # rows 1-2 only
     assert "| sft | dolly | 3 | 3/4 |" in text  # SFT never loops: only SWITCH's loop drops
-    assert "sd of the paired difference" in text and "| 0-15 | 16-63 |" in text
+    assert "sd of SWITCH − GKD over them" in text and "| 0-15 | 16-63 |" in text
+    assert "(primary) | dolly | 3 | +2.00 | [+2.00, +2.00] | <0.001 | <0.001 |" in text
     assert "| switch | 3 | 20.78 ± 0.03 |" in text  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
     body = doc.read_text()
     assert body.startswith("x\n") and body.endswith("y\n") and "old" not in body
@@ -142,12 +161,8 @@ def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
         (folder / f"switch-s{s}.json").write_text(json.dumps(_cell("switch", s, d, d, share=0.3)))
     assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
     text = capsys.readouterr().out
-    # sd 0.71 -> difference sd 1.00 -> 10 seeds at delta 1.0 (t quantiles)
-    assert "| dolly | 2 | 0.71 | 1.00 | " in text and text.split("| dolly | 2 | 0.71 | 1.00 | ")[
-        1
-    ].startswith("")
-    assert "/ 10 |" in text
-    assert "Standard error of one cell's mean" in text
+    # sd 0.71 -> difference sd 1.00 -> 10 seeds at delta 1.0 (t quantiles); no GKD seeds
+    assert "| dolly | 2 | 0.71 | 1.00 | 0 | – (needs 3) | 1.00 | 52 / 19 / 10 |" in text
 
 
 def test_looping_answers_are_found_and_a_degenerate_start_is_refused(ks, tmp_path, capsys):
@@ -405,3 +420,42 @@ def test_stop_prob_reads_the_eos_probability_after_short_references(
     # the 2 first rows that fit the budget; all mass on EOS: no entropy, and the reference's
     # tokens (never EOS) cost 50 nats each
     assert lines == ["| teacher | 2 | 1.00 | 100% | 0.00 | 1.00 | 50.00 |"]
+
+
+def test_cells_that_cannot_be_paired_row_by_row_are_refused(ks, tmp_path):
+    folder = tmp_path / "results" / "main"
+    folder.mkdir(parents=True)
+    for s in range(2):
+        c = _cell("switch", s, [1.0, 2.0, 3.0, 4.0], [1.0] * 4, share=0.2)
+        for e in c["eval"].values():
+            e["rows"] = [f"/data/dolly/valid.jsonl:{i}" for i in range(1, 5)]
+        (folder / f"switch-s{s}.json").write_text(json.dumps(c))
+    other = json.loads((folder / "switch-s1.json").read_text())
+    other["eval"]["dolly"]["rows"] = [f"/elsewhere/dolly/valid.jsonl:{i}" for i in range(1, 5)]
+    (folder / "switch-s1.json").write_text(json.dumps(other))  # another folder, same rows: fine
+    ks.check_rows(ks.load_cells(folder), folder)
+    other["eval"]["dolly"]["rows"] = other["eval"]["dolly"]["rows"][::-1]
+    (folder / "switch-s1.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="switch-s1.json: dolly's rows differ from .*switch-s0"):
+        ks.check_rows(ks.load_cells(folder), folder)
+    other["eval"]["dolly"]["rows"] = other["eval"]["dolly"]["rows"][::-1]
+    del other["eval"]["self-inst"]
+    (folder / "switch-s1.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="no 'self-inst' evaluation"):
+        ks.check_rows(ks.load_cells(folder), folder)
+    (folder / "copy.json").write_text((folder / "switch-s0.json").read_text())
+    with pytest.raises(SystemExit, match="both switch seed 0"):
+        ks.load_cells(folder)
+
+
+def test_the_primary_comparator_is_chosen_on_shared_seeds(ks):
+    cells = {
+        "gkd": {
+            0: _cell("gkd", 0, [10.0] * 4, [10.0] * 4),
+            1: _cell("gkd", 1, [30.0] * 4, [30.0] * 4),
+        },
+        "distillm": {0: _cell("distillm", 0, [12.0] * 4, [12.0] * 4)},
+    }
+    assert ks.best_baseline(cells) == "distillm"  # GKD's extra seed 1 does not count
+    del cells["distillm"]
+    assert ks.best_baseline(cells) == "gkd"
