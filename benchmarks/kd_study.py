@@ -281,7 +281,8 @@ def evaluate(model, tok, phase: dict, limit: int | None = None) -> dict:
     return out
 
 
-SAMPLED = {"seeds": [10, 20, 30, 40, 50], "temperature": 1.0, "top_p": 1.0, "rows": 100}
+# 50 rows: five sampled passes over them cost about one greedy evaluation of a cell (7-11 min)
+SAMPLED = {"seeds": [10, 20, 30, 40, 50], "temperature": 1.0, "top_p": 1.0, "rows": 50}
 
 
 def evaluate_sampled(model, tok, phase: dict, rows_per_bench: int, no_repeat: int) -> dict:
@@ -1270,6 +1271,14 @@ def _sampled_table(folder: Path) -> list[str]:
     benches = list(BENCHES)
     first = next(iter(next(iter(cells.values())).values()))
     cfg = first["sampled"]
+    same = ("seeds", "temperature", "top_p", "rows")
+    for t, cs in cells.items():
+        for s, c in cs.items():
+            if any(c["sampled"][k] != cfg[k] for k in same):
+                raise SystemExit(
+                    f"{folder}/{t}-s{s}.json was sampled with {c['sampled']}, another cell with "
+                    f"{cfg}: one table cannot mix them (rerun it with the same settings)"
+                )
     out = [
         "",
         f"**Secondary protocol** (sampled, T = {cfg['temperature']}, top-p {cfg['top_p']}, "

@@ -239,6 +239,10 @@ def test_sampled_protocol_table_and_its_preconditions(ks, tmp_path, capsys):
     lines = ks._sampled_table(folder)
     assert "sampling seeds 10, 20, 30, 40, 50" in lines[1]
     assert "| gkd | 2 | 11.00 ± 1.41 | 11.00 ± 1.41 | 25% | off |" in lines
+    c["sampled"]["rows"] += 1
+    (folder / "gkd-s1.json").write_text(json.dumps(c))
+    with pytest.raises(SystemExit, match="one table cannot mix them"):
+        ks._sampled_table(folder)
 
 
 def test_grid_stops_when_the_warmup_it_just_made_loops(ks, tmp_path, monkeypatch, capsys):
