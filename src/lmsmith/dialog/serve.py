@@ -277,16 +277,35 @@ class BodyLimit:
     streamed (chunked), and 408 for a body that has not fully arrived ``timeout`` seconds
     after the previous piece; a pure ASGI middleware, so nothing is buffered. Every response
     to a request with a body closes its connection: bytes a client sends beyond the declared
-    Content-Length are never read as a further request."""
+    Content-Length are never read as a further request. Before a 413 the rest of the body is
+    read and dropped, up to ``drain_bytes``: a server that closes with unread bytes in its
+    socket resets the connection, and the client can lose the 413 it was sent."""
 
-    def __init__(self, app, max_bytes: int, timeout: float = 10.0):
+    def __init__(self, app, max_bytes: int, timeout: float = 10.0, drain_bytes: int = 1 << 20):
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.drain_bytes = drain_bytes
+
+    async def _drain(self, receive, more: bool = True) -> None:
+        """Read and drop what is left of a refused body (at most ``drain_bytes``, each piece
+        within ``timeout``)."""
+        dropped = 0
+        while more and dropped <= self.drain_bytes:
+            try:
+                msg = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                return
+            if msg["type"] != "http.request":
+                return
+            dropped += len(msg.get("body", b""))
+            more = msg.get("more_body", False)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            if declared.isdigit() and int(declared) <= self.drain_bytes:
+                await self._drain(receive)
             return await self._refuse(send)
         seen = 0
         started = refused = body_done = False
@@ -314,6 +333,7 @@ class BodyLimit:
                 if seen > self.max_bytes:
                     refused = True
                     if not started:
+                        await self._drain(receive, msg.get("more_body", False))
                         await self._refuse(send)
                     return {"type": "http.disconnect"}
             return msg
