@@ -286,12 +286,13 @@ class BodyLimit:
         self.drain_bytes = drain_bytes
 
     async def _drain(self, receive, more: bool = True) -> None:
-        """Read and drop what is left of a refused body (at most ``drain_bytes``, each piece
-        within ``timeout``)."""
-        dropped = 0
+        """Read and drop what is left of a refused body: at most ``drain_bytes``, all within
+        ``timeout`` (a client trickling its body cannot hold the connection longer)."""
+        dropped, end = 0, asyncio.get_running_loop().time() + self.timeout
         while more and dropped <= self.drain_bytes:
+            left = end - asyncio.get_running_loop().time()
             try:
-                msg = await asyncio.wait_for(receive(), self.timeout)
+                msg = await asyncio.wait_for(receive(), max(left, 0.0))
             except asyncio.TimeoutError:
                 return
             if msg["type"] != "http.request":
