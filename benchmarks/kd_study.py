@@ -842,6 +842,12 @@ def row_matrix(cells: dict[int, dict], bench: str, seeds: list[int]) -> list[lis
     return [cells[s]["eval"][bench]["row_rougeL"] for s in seeds]
 
 
+def _diff_means(a: list[list[float]], b: list[list[float]]):
+    """The paired differences A − B (seeds × rows) averaged two ways: per seed, per row."""
+    d = [[x - y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
+    return [statistics.fmean(r) for r in d], [statistics.fmean(c) for c in zip(*d)]
+
+
 def paired_interval(a: list[list[float]], b: list[list[float]]):
     """Mean of A − B (ROUGE-L points) over seeds and rows, a 95% interval and a two-sided p for
     a new draw of both training seeds and evaluation rows. ``a``/``b``: seeds × rows, paired.
@@ -854,11 +860,9 @@ def paired_interval(a: list[list[float]], b: list[list[float]]):
     the interval covers rows only and the caller must say so. Returns (mean, low, high, p)."""
     from scipy import stats
 
-    d = [[x - y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
-    n_s, n_r = len(d), len(d[0])
-    seed_means = [statistics.fmean(r) for r in d]
+    seed_means, row_means = _diff_means(a, b)
+    n_s, n_r = len(seed_means), len(row_means)
     est = statistics.fmean(seed_means)
-    row_means = [statistics.fmean(r[i] for r in d) for i in range(n_r)]
     v_rows = statistics.variance(row_means) / n_r if n_r > 1 else 0.0
     v_seeds = statistics.variance(seed_means) / n_s if n_s > 1 else 0.0
     se = math.sqrt(v_rows + v_seeds)
@@ -961,7 +965,7 @@ def _ms(xs, scale=1.0) -> str:
     return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
-def _noise_table(cells) -> list[str]:
+def _noise_table(cells, best: str | None) -> list[str]:
     """The seed noise of the primary metric and the seeds a comparison needs. Planned by the
     larger of two estimates of the sd of a per-seed difference: √2 × SWITCH's seed sd (arms
     uncorrelated) and, once SWITCH and GKD share three seeds, the sd of their paired difference
@@ -991,14 +995,13 @@ def _noise_table(cells) -> list[str]:
             f"| {b} | {len(sw)} | {sd:.2f} | {math.sqrt(2) * sd:.2f} | {len(common)} | {shown} "
             f"| {plan:.2f} | {need} |"
         )
-    best = best_baseline(cells)
     shared = sorted(set(sw) & set(cells.get(best, {}))) if best else []
     if shared:
         se = []
         for b in BENCHES:
-            a, o = row_matrix(cells[PRIMARY], b, shared), row_matrix(cells[best], b, shared)
-            rows = [statistics.fmean(x - y for x, y in zip(ca, co)) for ca, co in
-                    zip(zip(*a), zip(*o))]  # fmt: skip
+            _, rows = _diff_means(
+                row_matrix(cells[PRIMARY], b, shared), row_matrix(cells[best], b, shared)
+            )
             se.append(f"{b} {statistics.stdev(rows) / math.sqrt(len(rows)):.2f}")
         out += [
             "",
@@ -1105,10 +1108,10 @@ def aggregate(args) -> int:
             f"(over {LOOPING:.0%} of an answer's word 4-grams repeat earlier ones). Differences "
             "between such arms do not rank distillation methods.",
         ]
-    # the noise, and the seeds it takes
-    out += _noise_table(cells)
-    # the comparisons
     best = best_baseline(cells)
+    # the noise, and the seeds it takes
+    out += _noise_table(cells, best)
+    # the comparisons
     margins: list = []
     if PRIMARY in cells and best:
         others = [t for t in ARMS if t not in (PRIMARY, best) and t in cells]
