@@ -19,13 +19,17 @@ The 12-step cells of ``kd_repro.py`` stay the pilot they were. This study fixes 
 - greedy evaluation on all 500 Dolly-valid and 242 Self-Instruct rows, every row's ROUGE-L and
   generation length stored, so methods can be compared paired by seed and by row.
 
-A cell is ``benchmarks/results/kd-study/<phase>/<tag>-s<seed>.json``; finished cells are skipped,
-so the study accumulates over runs; each cell records its commit, config and hardware.
+A cell is ``benchmarks/results/kd-study/<phase>/<tag>-s<seed>-<machine>.json``; finished cells
+are skipped, so the study accumulates over runs; each cell records its commit, config, hardware
+and the digests of the weights it started from. ``<machine>`` is the CPU kernel level torch used
+(``avx2``, ``avx512``): the same recipe trains to different weights on machines whose kernels
+differ, so a cell is made end to end on one machine type and arms are paired within one type.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import shutil
@@ -242,6 +246,62 @@ def tuned_teacher(base, tok, files: dict[str, Path], work: Path | None = None):
     return model.requires_grad_(False)
 
 
+def built_from(folder: Path) -> dict:
+    """What a cell started from: the folder's name, a digest of its weights and the CPU kernel
+    level it was trained on. Folders are named by their recipe, but the same recipe trained on
+    CPUs with different kernels (AVX2, AVX512) gives different weights, so cells that share a
+    folder name need not share a start (docs/results.md, session 12)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    summary = folder.parent / "summary.json"
+    made = json.loads(summary.read_text()).get("hardware", {}) if summary.exists() else {}
+    return {
+        "folder": folder.parent.name,
+        "sha256": h.hexdigest()[:16],
+        "cpu_capability": made.get("cpu_capability"),
+    }
+
+
+def same_machine(start: dict, here: str, kind: str, folder: Path) -> dict:
+    """``start`` (``built_from``), refused when it was trained on another machine type than
+    this one (a cell is made end to end on one machine type), or when the cells in ``folder``
+    made on this type started from other weights (this type does not reproduce the start:
+    found before training, not by ``aggregate`` afterwards)."""
+    made = str(start["cpu_capability"] or "unknown").lower()
+    if made != here:
+        raise SystemExit(
+            f"{start['folder']} was trained on a {made} machine and this one is {here}: cells "
+            "are made end to end on one machine type. Move the folder aside (or pass another "
+            "--work-dir) so that it is rebuilt here"
+        )
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        c = json.loads(p.read_text())
+        theirs = (c.get(kind) or {}).get("sha256")
+        if machine_of(c.get("hardware")) == here and theirs and theirs != start["sha256"]:
+            raise SystemExit(
+                f"{start['folder']} here has weights {start['sha256']}, but {p} (also {here}) "
+                f"started from {theirs}: this machine type does not reproduce the study's "
+                'start, so its cells cannot be pooled with those (docs/methods.md, "Machine '
+                'types")'
+            )
+    return start
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def evaluate(model, tok, phase: dict, limit: int | None = None) -> dict:
     """Greedy ROUGE-L on every row of both benchmarks (or their first ``limit`` rows), with each
     row's score and length."""
@@ -387,8 +447,22 @@ def stale_cells(folder: Path, phase_name: str) -> list[str]:
     return out
 
 
-def cell_path(results: Path, phase: str, tag: str, seed: int) -> Path:
-    return results / phase / f"{tag}-s{seed}.json"
+def machine_of(hw: dict | None) -> str:
+    """A cell's machine type: the CPU kernel level torch used (``avx2``, ``avx512``), lower
+    case. The same recipe and seed give different weights on machines whose kernels differ
+    (their fp32 sums round differently), so cells are made end to end on one machine type and
+    are keyed and paired by it (docs/methods.md, "Machine types")."""
+    return str((hw or {}).get("cpu_capability") or "unknown").lower()
+
+
+def this_machine() -> str:
+    from lmsmith.precision import hardware
+
+    return machine_of(hardware())
+
+
+def cell_path(results: Path, phase: str, tag: str, seed: int, machine: str) -> Path:
+    return results / phase / f"{tag}-s{seed}-{machine}.json"
 
 
 def train_config(
@@ -438,7 +512,8 @@ def cell(args) -> int:
     work = Path(args.work_dir) if args.work_dir else WORK
     phase = PHASES[args.phase]
     tag = args.method
-    path = cell_path(results, args.phase, tag, args.seed)
+    here = this_machine()
+    path = cell_path(results, args.phase, tag, args.seed, here)
     if path.exists():
         print(f"skip: {path} exists")
         return 0
@@ -447,10 +522,14 @@ def cell(args) -> int:
     base, tok = _lm()
     teacher = tuned_teacher(base, tok, files, work) if uses_teacher(tag) else base
     result: dict = {}
+    if uses_teacher(tag):
+        got = built_from(work / teacher_name() / "student")
+        result["teacher_start"] = same_machine(got, here, "teacher_start", path.parent)
     if tag == "teacher":
         result["eval"] = evaluate(teacher, tok, phase)
     else:
         start = warmup(base, tok, files, work)
+        result["warmup_start"] = same_machine(built_from(start), here, "warmup_start", path.parent)
         student = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
         if tag != "warmup":
             values = train_config(tag, args.seed, args.phase, files, work=work)
@@ -477,6 +556,7 @@ def cell(args) -> int:
         wall_time_s=time.perf_counter() - t0,
         commit=kd_repro._commit(),
         hardware=hardware(),
+        cpu_model=cpu_model(),
     )
     write_json(path, result)
     print(json.dumps({k: round(v["rougeL"], 3) for k, v in result["eval"].items()}), f"→ {path}")
@@ -519,9 +599,15 @@ def verify(args) -> int:
     the base model) and compare its per-row greedy scores with the committed ones."""
     import subprocess
 
-    committed = cell_path(RESULTS, args.phase, args.method, args.seed)
+    here = this_machine()
+    committed = cell_path(RESULTS, args.phase, args.method, args.seed, here)
     if not committed.exists():
-        raise SystemExit(f"{committed} does not exist: nothing to verify")
+        elsewhere = sorted(committed.parent.glob(f"{args.method}-s{args.seed}-*.json"))
+        raise SystemExit(
+            f"{committed} does not exist: nothing to verify on this {here} machine"
+            + (f" (made on another machine type: {', '.join(p.name for p in elsewhere)}; "
+               "verify it on that type)" if elsewhere else "")
+        )  # fmt: skip
     work = Path(args.work_dir)
     marker = work / ".kd-study-verify"
     if work.exists() and any(work.iterdir()) and not marker.exists():
@@ -531,7 +617,7 @@ def verify(args) -> int:
     work.mkdir(parents=True)
     marker.touch()
     results = work / "results"
-    again = cell_path(results, args.phase, args.method, args.seed)
+    again = cell_path(results, args.phase, args.method, args.seed, here)
     extra = ["--results-dir", str(results), "--work-dir", str(work)]
     rc = subprocess.call(cell_command(args.phase, args.method, args.seed, *extra))
     if rc:
@@ -579,13 +665,14 @@ def sampled(args) -> int:
     from lmsmith.runs import write_json
 
     results = Path(args.results_dir) if args.results_dir else RESULTS
-    primary = cell_path(results, args.phase, args.method, args.seed)
+    here = this_machine()
+    primary = cell_path(results, args.phase, args.method, args.seed, here)
     if not primary.exists():
         raise SystemExit(f"{primary} does not exist: the greedy cell comes first")
     c = json.loads(primary.read_text())
     if c.get("protocol") != json.loads(json.dumps(protocol(args.phase, args.method))):
         raise SystemExit(f"{primary} was made under another protocol; rerun it first")
-    path = cell_path(results, f"{args.phase}-sampled", args.method, args.seed)
+    path = cell_path(results, f"{args.phase}-sampled", args.method, args.seed, here)
     if path.exists():
         print(f"skip: {path} exists")
         return 0
@@ -602,6 +689,7 @@ def sampled(args) -> int:
         "wall_time_s": time.perf_counter() - t0,
         "commit": kd_repro._commit(),
         "hardware": hardware(),
+        "cpu_model": cpu_model(),
     }
     write_json(path, result)
     print(json.dumps({k: round(v["rougeL"], 3) for k, v in result["eval"].items()}), f"→ {path}")
@@ -723,10 +811,10 @@ def grid_cells(phase: str, seeds: int) -> list[tuple[str, int]]:
     return cells + [("teacher", 0)]
 
 
-def degenerate_start() -> bool:
-    """True (and says why) when the warm-up cell exists and its answers loop: distilling from a
-    degenerate start cannot rank methods."""
-    start = cell_path(RESULTS, "main", "warmup", 0)
+def degenerate_start(machine: str) -> bool:
+    """True (and says why) when this machine type's warm-up cell exists and its answers loop:
+    distilling from a degenerate start cannot rank methods."""
+    start = cell_path(RESULTS, "main", "warmup", 0, machine)
     if not start.exists():
         return False
     rate, src = looping_rate(json.loads(start.read_text()))
@@ -742,13 +830,55 @@ def degenerate_start() -> bool:
     return True
 
 
+def grid_plan(cells: list[tuple[str, int]], have: dict, here: str) -> list[tuple[str, int]]:
+    """The cells of ``cells`` (``grid_cells``' order, "best" resolved) this machine type still
+    makes, given the cells ``have`` (``load_cells``) made on any type. Comparisons pair SWITCH
+    with an arm only within one machine type, so for each seed this machine makes every arm
+    that is not yet paired with SWITCH on some type, and SWITCH itself where such an arm is
+    left; a seed already paired everywhere is not made again. The warm-up cell is made once
+    per machine type (its loops are checked before any cell there trains from it), the
+    teacher's once in all."""
+
+    def on(t, s, m):
+        return (s, m) in have.get(t, {})
+
+    def paired(t, s):
+        return any(on(PRIMARY, s, m) for (x, m) in have.get(t, {}) if x == s)
+
+    arms = {t for t, _ in cells if t not in ("warmup", "teacher", PRIMARY)}
+    out = []
+    for t, s in cells:
+        if on(t, s, here):
+            continue
+        if t == "teacher":
+            todo = not have.get("teacher")
+        elif t == "warmup":
+            todo = True
+        elif t == PRIMARY:
+            todo = any(not paired(x, s) for x in arms)
+        else:
+            todo = not paired(t, s)
+        if todo:
+            out.append((t, s))
+    return out
+
+
 def grid(args) -> int:
     import subprocess
 
     failed = []
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    here = this_machine()
     cells = grid_cells(args.phase, args.seeds)
+    if any(t == "best" for t, _ in cells):
+        best = best_baseline(load_cells(RESULTS / "main"))
+        if best is None:
+            print("the long phase needs the main phase's GKD and DistiLLM cells first")
+            return 2
+        cells = [(best if t == "best" else t, s) for t, s in cells]
+    folder = RESULTS / args.phase
+    todo = grid_plan(cells, load_cells(folder) if folder.is_dir() else {}, here)
     stale = stale_cells(RESULTS / args.phase, args.phase)
     if stale and not args.force:
         print(
@@ -760,21 +890,16 @@ def grid(args) -> int:
             file=sys.stderr,
         )
         return 2
-    if not args.force and degenerate_start():
+    if not args.force and degenerate_start(here):
         return 2
+    print(f"this machine: {here}; {len(todo)} of the grid's {len(cells)} cells to make here")
     for i, (tag, seed) in enumerate(cells, 1):
-        if tag == "best":
-            tag = best_baseline(load_cells(RESULTS / "main"))
-            if tag is None:
-                print("the long phase needs the main phase's GKD and DistiLLM cells first")
-                return 2
-        done = cell_path(RESULTS, args.phase, tag, seed)
-        print(
-            f"[{i}/{len(cells)}] {tag} s{seed}" + (" (done)" if done.exists() else ""), flush=True
-        )
-        if args.dry_run or done.exists():
+        done = cell_path(RESULTS, args.phase, tag, seed, here).exists()
+        state = "done here" if done else ("to make" if (tag, seed) in todo else "not needed here")
+        print(f"[{i}/{len(cells)}] {tag} s{seed} ({state})", flush=True)
+        if args.dry_run or (tag, seed) not in todo:
             continue
-        if tag not in ("warmup", "teacher") and not args.force and degenerate_start():
+        if tag not in ("warmup", "teacher") and not args.force and degenerate_start(here):
             return 2  # the warm-up cell this run just made failed the check
         with open(logs / f"{args.phase}-{tag}-s{seed}.log", "w") as log:
             rc = subprocess.call(
@@ -791,17 +916,39 @@ def grid(args) -> int:
 # ------------------------------------------------------------------------------- analysis
 
 
-def load_cells(folder: Path) -> dict[str, dict[int, dict]]:
-    """Every cell in ``folder`` by tag and seed; two files for one cell are refused."""
-    out: dict[str, dict[int, dict]] = {}
+Cells = dict[str, dict[tuple[int, str], dict]]  # tag -> (seed, machine type) -> cell
+
+
+def load_cells(folder: Path) -> Cells:
+    """Every cell in ``folder`` by tag, then (seed, machine type). Refused: two files for one
+    cell, and cells of one machine type that started from different weights (a warm-up or
+    teacher digest that differs: the type does not pin the numerics, so they cannot share a
+    key)."""
+    out: Cells = {}
     where: dict[tuple, Path] = {}
+    starts: dict[tuple, tuple[str, Path]] = {}
     for p in sorted(folder.glob("*.json")):
         c = json.loads(p.read_text())
-        key = (c["tag"], c["seed"])
+        m = machine_of(c.get("hardware"))
+        key = (c["tag"], c["seed"], m)
         if key in where:
-            raise SystemExit(f"{p} and {where[key]} are both {c['tag']} seed {c['seed']}")
+            raise SystemExit(
+                f"{p} and {where[key]} are both {c['tag']} seed {c['seed']} made on {m}"
+            )
         where[key] = p
-        out.setdefault(c["tag"], {})[c["seed"]] = c
+        for kind in ("warmup_start", "teacher_start"):
+            digest = (c.get(kind) or {}).get("sha256")
+            if digest is None:
+                continue
+            first = starts.setdefault((kind, m), (digest, p))
+            if first[0] != digest:
+                raise SystemExit(
+                    f"{p} and {first[1]} were both made on {m} machines but from different "
+                    f"{kind.split('_')[0]} weights ({digest} against {first[0]}): this machine "
+                    "type does not reproduce the start, so its cells cannot be pooled"
+                )
+        c["_file"] = str(p)
+        out.setdefault(c["tag"], {})[(c["seed"], m)] = c
     return out
 
 
@@ -810,13 +957,13 @@ def _row_key(row_id: str) -> str:
     return "/".join(row_id.replace("\\", "/").split("/")[-2:])
 
 
-def check_rows(cells: dict[str, dict[int, dict]], folder: Path) -> None:
+def check_rows(cells: Cells, folder: Path) -> None:
     """Refuse cells that cannot be paired row by row: a benchmark missing, per-row lists of the
     wrong length, or rows that are not the same rows in the same order as the other cells'."""
     first: dict[str, tuple[str, list[str]]] = {}
     for tag, by_seed in cells.items():
-        for seed, c in by_seed.items():
-            name = folder / f"{tag}-s{seed}.json"
+        for (seed, m), c in by_seed.items():
+            name = c.get("_file") or folder / f"{tag}-s{seed}-{m}.json"
             for b in BENCHES:
                 e = c["eval"].get(b)
                 if e is None:
@@ -838,8 +985,29 @@ def check_rows(cells: dict[str, dict[int, dict]], folder: Path) -> None:
                     )
 
 
-def row_matrix(cells: dict[int, dict], bench: str, seeds: list[int]) -> list[list[float]]:
-    return [cells[s]["eval"][bench]["row_rougeL"] for s in seeds]
+def shared_seeds(a: dict, b: dict) -> dict[int, list[str]]:
+    """The seeds two arms' cells share on one machine type: seed -> the types both have."""
+    out: dict[int, list[str]] = {}
+    for s, m in sorted(set(a) & set(b)):
+        out.setdefault(s, []).append(m)
+    return out
+
+
+def _avg_rows(lists: list[list[float]]) -> list[float]:
+    return [statistics.fmean(xs) for xs in zip(*lists, strict=True)]
+
+
+def paired_rows(a: dict, b: dict, bench: str, key: str = "row_rougeL"):
+    """Two arms' per-row values on their shared seeds: (seeds, A, B), A and B seeds × rows. A
+    seed both arms have on several machine types counts once, each arm's rows averaged over
+    those types, so every difference A − B is taken within one machine type (the types start
+    from different warm-up weights) and a seed's data order is not counted twice."""
+    seeds = shared_seeds(a, b)
+    rows = [
+        [_avg_rows([x[(s, m)]["eval"][bench][key] for m in ms]) for s, ms in seeds.items()]
+        for x in (a, b)
+    ]
+    return list(seeds), rows[0], rows[1]
 
 
 def _diff_means(a: list[list[float]], b: list[list[float]]):
@@ -914,8 +1082,8 @@ def best_baseline(cells: dict[str, dict[int, dict]]) -> str | None:
     have = [t for t in BASELINES if cells.get(t)]
     shared = set.intersection(*(set(cells[t]) for t in have)) if have else set()
     means = {}
-    for t in have:
-        cs = [c for s, c in cells[t].items() if s in shared or not shared]
+    for t in have:  # (seed, machine type) keys: the cells the two made on one type
+        cs = [c for k, c in cells[t].items() if k in shared or not shared]
         means[t] = statistics.fmean(c["eval"][b]["rougeL"] for c in cs for b in BENCHES)
     return max(means, key=means.get) if means else None
 
@@ -970,24 +1138,28 @@ def _noise_table(cells, best: str | None) -> list[str]:
     larger of two estimates of the sd of a per-seed difference: √2 × SWITCH's seed sd (arms
     uncorrelated) and, once SWITCH and GKD share three seeds, the sd of their paired difference
     (two shared seeds give it one degree of freedom, too few to plan by)."""
-    out = ["", "**Noise** (ROUGE-L points; sds of per-seed means):", ""]
-    sw = sorted(cells.get(PRIMARY, {}))
+    out = [
+        "",
+        "**Noise** (ROUGE-L points; sds of per-cell means for SWITCH alone, every cell on every "
+        "machine type; of per-seed differences, each taken within one machine type, for "
+        "SWITCH − GKD):",
+        "",
+    ]
+    sw = cells.get(PRIMARY, {})
     if len(sw) < 2:
-        return out + ["(needs at least two seeds of SWITCH)"]
-    common = sorted(set(sw) & set(cells.get("gkd", {})))
+        return out + ["(needs at least two cells of SWITCH)"]
+    gkd = cells.get("gkd", {})
+    common = shared_seeds(sw, gkd)
     out += [
-        "| benchmark | SWITCH seeds | sd of SWITCH | √2 × that | seeds shared with GKD "
+        "| benchmark | SWITCH cells | sd of SWITCH | √2 × that | seeds shared with GKD "
         "| sd of SWITCH − GKD over them | planned sd | seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for b in BENCHES:
-        sd = statistics.stdev(cells[PRIMARY][s]["eval"][b]["rougeL"] for s in sw)
+        sd = statistics.stdev(c["eval"][b]["rougeL"] for c in sw.values())
         paired = None
         if len(common) >= 3:
-            paired = statistics.stdev(
-                cells[PRIMARY][s]["eval"][b]["rougeL"] - cells["gkd"][s]["eval"][b]["rougeL"]
-                for s in common
-            )
+            paired = statistics.stdev(_diff_means(*paired_rows(sw, gkd, b)[1:])[0])
         plan = max(math.sqrt(2) * sd, paired or 0.0)
         need = " / ".join(str(seeds_needed(plan, d)) for d in (0.4, 0.7, 1.0))
         shown = f"{paired:.2f}" if paired is not None else "– (needs 3)"
@@ -995,13 +1167,11 @@ def _noise_table(cells, best: str | None) -> list[str]:
             f"| {b} | {len(sw)} | {sd:.2f} | {math.sqrt(2) * sd:.2f} | {len(common)} | {shown} "
             f"| {plan:.2f} | {need} |"
         )
-    shared = sorted(set(sw) & set(cells.get(best, {}))) if best else []
+    shared = shared_seeds(sw, cells.get(best, {})) if best else {}
     if shared:
         se = []
         for b in BENCHES:
-            _, rows = _diff_means(
-                row_matrix(cells[PRIMARY], b, shared), row_matrix(cells[best], b, shared)
-            )
+            _, rows = _diff_means(*paired_rows(sw, cells[best], b)[1:])
             se.append(f"{b} {statistics.stdev(rows) / math.sqrt(len(rows)):.2f}")
         out += [
             "",
@@ -1022,12 +1192,9 @@ def _comparisons(cells, best: str, others: list[str]) -> list[str]:
     res = {}
     for b in BENCHES:
         for t in [best, *others]:
-            seeds = sorted(set(cells[PRIMARY]) & set(cells[t]))
+            seeds, a, o = paired_rows(cells[PRIMARY], cells[t], b)
             if seeds:
-                r = paired_interval(
-                    row_matrix(cells[PRIMARY], b, seeds), row_matrix(cells[t], b, seeds)
-                )
-                res[(t, b)] = (len(seeds), *r)
+                res[(t, b)] = (len(seeds), *paired_interval(a, o))
     adj = {}
     for group in ([k for k in res if k[0] == best], [k for k in res if k[0] != best]):
         adj.update(holm({k: res[k][4] for k in group if res[k][0] >= MIN_SEEDS_P}))
@@ -1065,14 +1232,15 @@ def aggregate(args) -> int:
     tags = table_order(cells)
     out = [
         f"**Cells** ({args.phase} phase; greedy ROUGE-L (×100, as `lmsmith eval` reports it) on all rows, mean ± std over "
-        "training seeds; Dolly generation length in tokens (the answer re-tokenized after "
+        "cells; Dolly generation length in tokens (the answer re-tokenized after "
         "stripping whitespace), mean over rows and seeds; an answer counts as stopped when that "
         "length is below the cap minus one, since an answer cut at the cap re-tokenizes to "
-        "about the cap minus one; looping answers over both benchmarks' rows):",
+        "about the cap minus one; looping answers over both benchmarks' rows; a cell is one "
+        "training seed made end to end on one machine type, the CPU kernel level torch used):",
         "",
-        "| arm | seeds | " + " | ".join(benches) + " | gen tokens (Dolly) | stopped before the cap "
-        "| looping answers | teacher-written tokens | train s | eval s |",
-        "|---|---|" + "---|" * len(benches) + "---|---|---|---|---|---|",
+        "| arm | cells | machine types | " + " | ".join(benches) + " | gen tokens (Dolly) "
+        "| stopped before the cap | looping answers | teacher-written tokens | train s | eval s |",
+        "|---|---|---|" + "---|" * len(benches) + "---|---|---|---|---|---|",
     ]
     cap = PHASES[args.phase]["eval_max_new_tokens"]
     for t in tags:
@@ -1082,9 +1250,11 @@ def aggregate(args) -> int:
         share = [x for x in share if x is not None]
         tr = [c["train"]["wall_time_s"] for c in cs if c.get("train")]
         ev = [sum(e["eval_s"] for e in c["eval"].values()) for c in cs]
+        kinds = collections.Counter(m for _, m in cells[t])
         cols = [
             t,
             str(len(cs)),
+            ", ".join(f"{m} ×{n}" for m, n in sorted(kinds.items())),
             *(_ms([c["eval"][b]["rougeL"] for c in cs]) for b in benches),
             f"{statistics.fmean(gl):.1f}",
             f"{100 * sum(x < cap - 1 for x in gl) / len(gl):.0f}%",
@@ -1096,7 +1266,7 @@ def aggregate(args) -> int:
         out.append("| " + " | ".join(cols) + " |")
     copy = copy_baseline()
     out.append(
-        "| *copy the prompt (instruction + input), no model* | – | "
+        "| *copy the prompt (instruction + input), no model* | – | – | "
         + " | ".join(f"{copy[b]:.2f}" for b in benches)
         + " | – | – | – | – | – | – |"
     )
@@ -1157,8 +1327,13 @@ def _loop_free(cells, arms: list[str]) -> list[str]:
     ]
     for b in BENCHES:
         for t in arms:
-            seeds = sorted(set(cells[PRIMARY]) & set(cells[t]))
-            evals = [cells[x][s]["eval"][b] for x in (PRIMARY, t) for s in seeds]
+            shared = shared_seeds(cells[PRIMARY], cells[t])
+            evals = [
+                cells[x][(s, m)]["eval"][b]
+                for x in (PRIMARY, t)
+                for s, ms in shared.items()
+                for m in ms
+            ]
             if not evals or any("repeat_share" not in e for e in evals):
                 continue  # cells from before answers were checked for loops
             keep = [
@@ -1168,8 +1343,8 @@ def _loop_free(cells, arms: list[str]) -> list[str]:
             ]
             if len(keep) < 2:
                 continue
-            a = [[cells[PRIMARY][s]["eval"][b]["row_rougeL"][i] for i in keep] for s in seeds]
-            o = [[cells[t][s]["eval"][b]["row_rougeL"][i] for i in keep] for s in seeds]
+            seeds, a, o = paired_rows(cells[PRIMARY], cells[t], b)
+            a, o = ([[r[i] for i in keep] for r in m] for m in (a, o))
             mean_a, mean_o, est, lo, hi = _paired_means(a, o)
             n = len(evals[0]["repeat_share"])
             out.append(
@@ -1182,15 +1357,19 @@ def _loop_free(cells, arms: list[str]) -> list[str]:
 def _bucket_margins(cells, best: str) -> list[tuple[str, int, float, float, float, float, float]]:
     """SWITCH − best baseline by reference-length bucket (both benchmarks' rows pooled, paired by
     seed and row): (bucket, rows, SWITCH mean, baseline mean, difference, CI low, CI high)."""
-    seeds = sorted(set(cells[PRIMARY]) & set(cells[best]))
+    pairs = {bench: paired_rows(cells[PRIMARY], cells[best], bench) for bench in BENCHES}
+    words = {  # the same rows in every cell (check_rows)
+        bench: next(iter(cells[PRIMARY].values()))["eval"][bench]["ref_words"] for bench in BENCHES
+    }
+    n_seeds = len(pairs[next(iter(BENCHES))][0])
     out = []
     for lo_w, hi_w in BUCKETS:
         a, b = [], []
-        for s in seeds:
+        for i in range(n_seeds):
             ra, rb = [], []
             for bench in BENCHES:
-                ea, eb = cells[PRIMARY][s]["eval"][bench], cells[best][s]["eval"][bench]
-                for x, y, w in zip(ea["row_rougeL"], eb["row_rougeL"], ea["ref_words"]):
+                _, pa, pb = pairs[bench]
+                for x, y, w in zip(pa[i], pb[i], words[bench], strict=True):
                     if lo_w <= w <= hi_w:
                         ra.append(x)
                         rb.append(y)
@@ -1275,11 +1454,11 @@ def _sampled_table(folder: Path) -> list[str]:
     first = next(iter(next(iter(cells.values())).values()))
     cfg = first["sampled"]
     same = ("seeds", "temperature", "top_p", "rows")
-    for t, cs in cells.items():
-        for s, c in cs.items():
+    for cs in cells.values():
+        for c in cs.values():
             if any(c["sampled"][k] != cfg[k] for k in same):
                 raise SystemExit(
-                    f"{folder}/{t}-s{s}.json was sampled with {c['sampled']}, another cell with "
+                    f"{c['_file']} was sampled with {c['sampled']}, another cell with "
                     f"{cfg}: one table cannot mix them (rerun it with the same settings)"
                 )
     out = [
@@ -1340,15 +1519,21 @@ def loop_onset(args) -> int:
     looped, and among the rows where it did not."""
     folder = (Path(args.results_dir) if args.results_dir else RESULTS) / args.phase
     cells = load_cells(folder)
-    if 0 not in cells.get("warmup", {}):
+    warmups = {m: c["eval"] for (s, m), c in cells.get("warmup", {}).items() if s == 0}
+    if not warmups:
         print(f"no warm-up cell in {folder}", file=sys.stderr)
         return 2
-    warm = cells["warmup"][0]["eval"]
     print(f"Loops after distillation, by whether the warm-up looped on the row ({folder}):\n")
-    print("| arm | seed | benchmark | loops where the warm-up looped | where it did not |")
-    print("|---|---|---|---|---|")
+    print(
+        "| arm | seed | machine | benchmark | loops where the warm-up looped | where it did not |"
+    )
+    print("|---|---|---|---|---|---|")
     for tag in args.tags:
-        for seed, c in sorted(cells.get(tag, {}).items()):
+        for (seed, m), c in sorted(cells.get(tag, {}).items()):
+            if m not in warmups:
+                print(f"{tag} s{seed} ({m}): no warm-up cell of that machine type", file=sys.stderr)
+                continue
+            warm = warmups[m]
             for bench, e in c["eval"].items():
                 w = [r > LOOPING for r in warm[bench]["repeat_share"]]
                 x = [r > LOOPING for r in e["repeat_share"]]
@@ -1359,7 +1544,7 @@ def loop_onset(args) -> int:
                 n1 = sum(w)
                 n0 = len(w) - n1
                 print(
-                    f"| {tag} | {seed} | {bench} | {kept}/{n1} ({100 * kept / max(n1, 1):.0f}%) "
+                    f"| {tag} | {seed} | {m} | {bench} | {kept}/{n1} ({100 * kept / max(n1, 1):.0f}%) "
                     f"| {new}/{n0} ({100 * new / max(n0, 1):.0f}%) |"
                 )
     return 0

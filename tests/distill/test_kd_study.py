@@ -146,7 +146,9 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     assert "| sft | dolly | 3 | 3/4 |" in text  # SFT never loops: only SWITCH's loop drops
     assert "sd of SWITCH − GKD over them" in text and "| 0-15 | 16-63 |" in text
     assert "(primary) | dolly | 3 | +2.00 | [+2.00, +2.00] | <0.001 | <0.001 |" in text
-    assert "| switch | 3 | 20.78 ± 0.03 |" in text  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
+    assert (
+        "| switch | 3 | unknown ×3 | 20.78 ± 0.03 |" in text
+    )  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
     body = doc.read_text()
     assert body.startswith("x\n") and body.endswith("y\n") and "old" not in body
     assert "![every cell, and SWITCH − gkd by reference length](kd_study_main.png)" in body
@@ -169,21 +171,22 @@ def test_looping_answers_are_found_and_a_degenerate_start_is_refused(ks, tmp_pat
     assert ks.repeat_share("The capital of France is Paris.") == 0.0
     loop = "the fish, a fish, " * 20
     assert ks.repeat_share(loop) > 0.9
-    warm = _cell("warmup", 0, [1.0] * 4, [1.0] * 4)
+    here = ks.this_machine()  # the grid checks this machine type's warm-up
+    warm = _on(here, _cell("warmup", 0, [1.0] * 4, [1.0] * 4))
     warm["protocol"] = ks.protocol("main", "warmup")
     for e in warm["eval"].values():
         e["repeat_share"] = [0.95, 0.9, 0.8, 0.0]  # 3 of 4 answers loop
     assert ks.looping_rate(warm) == (0.75, "rows")
     folder = tmp_path / "results" / "main"
     folder.mkdir(parents=True)
-    (folder / "warmup-s0.json").write_text(json.dumps(warm))
+    (folder / f"warmup-s0-{here}.json").write_text(json.dumps(warm))
     assert ks.main(["grid", "--dry-run"]) == 2  # refuses before running anything
     assert "warm-up student's answers loop (75%" in capsys.readouterr().err
     assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
     assert "**DEGENERATE: warmup**" in capsys.readouterr().out
     for e in warm["eval"].values():
         e["repeat_share"] = [0.0, 0.1, 0.0, 0.9]
-    (folder / "warmup-s0.json").write_text(json.dumps(warm))
+    (folder / f"warmup-s0-{here}.json").write_text(json.dumps(warm))
     assert ks.main(["grid", "--dry-run"]) == 0
 
 
@@ -257,7 +260,7 @@ def test_grid_stops_when_the_warmup_it_just_made_loops(ks, tmp_path, monkeypatch
         c["protocol"] = ks.protocol("main", tag)
         for e in c["eval"].values():
             e["repeat_share"] = [0.9, 0.9, 0.9, 0.0]
-        path = ks.cell_path(ks.RESULTS, "main", tag, seed)
+        path = ks.cell_path(ks.RESULTS, "main", tag, seed, ks.this_machine())
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(c))
         return 0
@@ -310,7 +313,7 @@ def test_compare_cells_finds_a_changed_row_and_passes_a_copy(ks):
 
 
 def test_verify_never_wipes_a_folder_it_did_not_make(ks, tmp_path):
-    committed = ks.cell_path(ks.RESULTS, "main", "sft", 0)
+    committed = ks.cell_path(ks.RESULTS, "main", "sft", 0, ks.this_machine())
     committed.parent.mkdir(parents=True)
     committed.write_text("{}")
     mine = tmp_path / "mine"
@@ -371,8 +374,8 @@ def test_loop_onset_separates_kept_loops_from_new_ones(ks, tmp_path, capsys):
         (folder / f"{tag}-s0.json").write_text(json.dumps(c))
     assert ks.main(["loop-onset", "--tags", "gkd"]) == 0
     out = capsys.readouterr().out
-    assert "| gkd | 0 | dolly | 1/2 (50%) | 2/2 (100%) |" in out
-    assert "| gkd | 0 | self-inst | 0/0 (0%) | 0/4 (0%) |" in out
+    assert "| gkd | 0 | unknown | dolly | 1/2 (50%) | 2/2 (100%) |" in out
+    assert "| gkd | 0 | unknown | self-inst | 0/0 (0%) | 0/4 (0%) |" in out
 
 
 def test_the_tuned_teacher_is_trained_once_on_the_warmup_rows_and_frozen(
@@ -455,11 +458,90 @@ def test_cells_that_cannot_be_paired_row_by_row_are_refused(ks, tmp_path):
 def test_the_primary_comparator_is_chosen_on_shared_seeds(ks):
     cells = {
         "gkd": {
-            0: _cell("gkd", 0, [10.0] * 4, [10.0] * 4),
-            1: _cell("gkd", 1, [30.0] * 4, [30.0] * 4),
+            (0, "avx2"): _cell("gkd", 0, [10.0] * 4, [10.0] * 4),
+            (1, "avx2"): _cell("gkd", 1, [30.0] * 4, [30.0] * 4),
+            (0, "avx512"): _cell("gkd", 0, [40.0] * 4, [40.0] * 4),
         },
-        "distillm": {0: _cell("distillm", 0, [12.0] * 4, [12.0] * 4)},
+        "distillm": {(0, "avx2"): _cell("distillm", 0, [12.0] * 4, [12.0] * 4)},
     }
-    assert ks.best_baseline(cells) == "distillm"  # GKD's extra seed 1 does not count
+    # GKD's seed 1, and its seed 0 on another machine type, do not count
+    assert ks.best_baseline(cells) == "distillm"
     del cells["distillm"]
     assert ks.best_baseline(cells) == "gkd"
+
+
+def _on(machine, c, sha=None):
+    c["hardware"] = {"cpu_capability": machine.upper()}
+    if sha:
+        c["warmup_start"] = {"folder": "warmup-L20-x", "sha256": sha, "cpu_capability": machine}
+    return c
+
+
+def test_arms_are_paired_only_within_one_machine_type(ks, tmp_path, capsys):
+    """SWITCH seed 1 exists on avx2 only, GKD seed 1 on avx512 only: not a pair. Seed 0 on both
+    types counts once, each arm averaged over the two, so its difference is the mean of the
+    within-type differences (+1 on avx2, +3 on avx512: +2), not of a cross-type one."""
+    folder = tmp_path / "results" / "main"
+    folder.mkdir(parents=True)
+    cells = {
+        ("switch", 0, "avx2"): 11.0, ("gkd", 0, "avx2"): 10.0,
+        ("switch", 0, "avx512"): 23.0, ("gkd", 0, "avx512"): 20.0,
+        ("switch", 1, "avx2"): 50.0, ("gkd", 1, "avx512"): 0.0,
+        ("switch", 2, "avx2"): 12.0, ("gkd", 2, "avx2"): 10.0,
+    }  # fmt: skip
+    for (tag, seed, m), x in cells.items():
+        c = _on(m, _cell(tag, seed, [x] * 4, [x] * 4))
+        (folder / f"{tag}-s{seed}-{m}.json").write_text(json.dumps(c))
+    loaded = ks.load_cells(folder)
+    assert set(loaded["gkd"]) == {(0, "avx2"), (0, "avx512"), (1, "avx512"), (2, "avx2")}
+    assert ks.shared_seeds(loaded["switch"], loaded["gkd"]) == {0: ["avx2", "avx512"], 2: ["avx2"]}
+    seeds, a, b = ks.paired_rows(loaded["switch"], loaded["gkd"], "dolly")
+    assert seeds == [0, 2] and a == [[17.0] * 4, [12.0] * 4] and b == [[15.0] * 4, [10.0] * 4]
+    assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
+    text = capsys.readouterr().out
+    assert "| gkd (primary) | dolly | 2 | +2.00 |" in text
+    assert "| switch | 4 | avx2 ×3, avx512 ×1 |" in text
+
+
+def test_cells_of_one_machine_type_from_different_starts_are_refused(ks, tmp_path):
+    folder = tmp_path / "main"
+    folder.mkdir()
+    a = _on("avx512", _cell("switch", 0, [1.0] * 4, [1.0] * 4), sha="aaaa")
+    (folder / "switch-s0-avx512.json").write_text(json.dumps(a))
+    b = _on("avx512", _cell("gkd", 0, [1.0] * 4, [1.0] * 4), sha="bbbb")
+    (folder / "gkd-s0-avx512.json").write_text(json.dumps(b))
+    with pytest.raises(SystemExit, match="different warmup weights"):
+        ks.load_cells(folder)
+    (folder / "gkd-s0-avx512.json").unlink()
+    (folder / "gkd-s0-avx2.json").write_text(json.dumps(_on("avx2", b)))  # another type: fine
+    assert set(ks.load_cells(folder)) == {"switch", "gkd"}
+    start = {"folder": "warmup-L20-x", "sha256": "cccc", "cpu_capability": "AVX512"}
+    with pytest.raises(SystemExit, match="started from aaaa"):  # found before training
+        ks.same_machine(start, "avx512", "warmup_start", folder)
+    with pytest.raises(SystemExit, match="trained on a avx512 machine and this one is avx2"):
+        ks.same_machine(start, "avx2", "warmup_start", folder)
+    assert ks.same_machine({**start, "sha256": "aaaa"}, "avx512", "warmup_start", folder)
+
+
+def test_the_grid_makes_only_the_pairs_no_machine_type_has(ks):
+    cells = ks.grid_cells("main", 3)
+    have = {
+        "warmup": {(0, "avx2"): {}},
+        "teacher": {(0, "avx2"): {}},
+        **{t: {(0, "avx2"): {}} for t in ks.ARMS},  # seed 0 complete on avx2
+        "switch": {(0, "avx2"): {}, (1, "avx2"): {}, (2, "avx2"): {}},
+        "gkd": {(0, "avx2"): {}, (1, "avx2"): {}, (2, "avx512"): {}},
+        "sft": {(0, "avx2"): {}, (1, "avx512"): {}},
+    }
+    plan = ks.grid_plan(cells, have, "avx512")
+    # seed 0 is paired on avx2; seed 1: SWITCH here pairs the SFT cell made here, GKD is paired
+    # on avx2; seed 2: SWITCH and the arms not yet made
+    assert ("warmup", 0) in plan and ("teacher", 0) not in plan
+    assert not [c for c in plan if c[1] == 0 and c[0] != "warmup"]
+    assert ("switch", 1) in plan and ("gkd", 1) not in plan and ("sft", 1) not in plan
+    assert {("distillm", 1), ("switch-fast", 1)} <= set(plan)
+    assert ("switch", 2) in plan and ("gkd", 2) not in plan and ("sft", 2) in plan
+    assert set(ks.grid_plan(cells, have, "avx2")) == {  # GKD s2 was made on avx512 only
+        ("gkd", 2),
+        *((t, s) for t in ("sft", "distillm", "switch-fast") for s in (1, 2)),
+    }
