@@ -295,13 +295,24 @@ def _cell_path(budget: str, tag: str, layers, seed) -> Path:
 
 
 def _commit() -> str | None:
+    """The short HEAD commit, with "+dirty" when the code a cell runs (the package, the
+    benchmark scripts, the dependency pins) has uncommitted changes: the commit alone would
+    then not re-create the cell."""
     import subprocess
 
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         )
-        return out.stdout.strip() or None
+        head = out.stdout.strip() or None
+        code = ["src", "benchmarks/*.py", "pyproject.toml", "constraints.txt"]
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return f"{head}+dirty" if head and dirty else head
     except OSError:
         return None
 

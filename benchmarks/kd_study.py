@@ -518,6 +518,7 @@ def cell(args) -> int:
         print(f"skip: {path} exists")
         return 0
     t0 = time.perf_counter()
+    commit = kd_repro._commit()  # the code this cell runs (HEAD may move while it trains)
     files = split_rows(work)
     base, tok = _lm()
     teacher = tuned_teacher(base, tok, files, work) if uses_teacher(tag) else base
@@ -554,7 +555,7 @@ def cell(args) -> int:
         warmup_folder=None if tag == "teacher" else warmup_name(),
         teacher_folder=teacher_name() if uses_teacher(tag) else None,
         wall_time_s=time.perf_counter() - t0,
-        commit=kd_repro._commit(),
+        commit=commit,
         hardware=hardware(),
         cpu_model=cpu_model(),
     )
@@ -853,14 +854,16 @@ def grid_plan(cells: list[tuple[str, int]], have: dict, here: str) -> list[tuple
         if t == "teacher":
             todo = not have.get("teacher")
         elif t == "warmup":
-            todo = True
+            todo = None  # decided below: only where this type makes other cells
         elif t == PRIMARY:
             todo = any(not paired(x, s) for x in arms)
         else:
             todo = not paired(t, s)
-        if todo:
+        if todo or todo is None:
             out.append((t, s))
-    return out
+    if [c for c in out if c[0] != "warmup"]:
+        return out
+    return []  # nothing to distil here: a warm-up cell alone would be wasted
 
 
 def grid(args) -> int:
@@ -887,6 +890,14 @@ def grid(args) -> int:
             "them. Move them out of the folder (or pass --force):",
             *stale,
             sep="\n  ",
+            file=sys.stderr,
+        )
+        return 2
+    if args.phase != "main" and not cell_path(RESULTS, "main", "warmup", 0, here).exists():
+        print(
+            f"refused: no main-phase warm-up cell made on this {here} machine type, so its "
+            "start's loops are unchecked: run `kd_study.py cell --phase main --method warmup` "
+            "first",
             file=sys.stderr,
         )
         return 2
@@ -1075,7 +1086,7 @@ def seeds_needed(sd: float, delta: float) -> int:
     return math.inf  # type: ignore[return-value]
 
 
-def best_baseline(cells: dict[str, dict[int, dict]]) -> str | None:
+def best_baseline(cells: Cells) -> str | None:
     """The better of GKD and DistiLLM by mean greedy ROUGE-L (the mean over cells of the
     benchmarks' means), on the seeds both have (all of each one's seeds while they share none),
     so that an arm's extra seeds do not pick the comparator."""
@@ -1133,30 +1144,45 @@ def _ms(xs, scale=1.0) -> str:
     return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
+def within_type_sd(cs: dict, bench: str) -> tuple[float | None, int]:
+    """The seed sd of one arm's mean ROUGE-L pooled within machine types (each type's cells
+    deviate from that type's own mean, so the types' different starts do not count as seed
+    noise), and its degrees of freedom: cells minus types with a cell."""
+    groups: dict[str, list[float]] = {}
+    for (_, m), c in cs.items():
+        groups.setdefault(m, []).append(c["eval"][bench]["rougeL"])
+    df = sum(len(v) - 1 for v in groups.values())
+    if df < 1:
+        return None, 0
+    ss = sum((len(v) - 1) * statistics.variance(v) for v in groups.values() if len(v) > 1)
+    return math.sqrt(ss / df), df
+
+
 def _noise_table(cells, best: str | None) -> list[str]:
     """The seed noise of the primary metric and the seeds a comparison needs. Planned by the
     larger of two estimates of the sd of a per-seed difference: √2 × SWITCH's seed sd (arms
-    uncorrelated) and, once SWITCH and GKD share three seeds, the sd of their paired difference
-    (two shared seeds give it one degree of freedom, too few to plan by)."""
+    uncorrelated; pooled within machine types) and, once SWITCH and GKD share three seeds, the
+    sd of their paired difference (two shared seeds give it one degree of freedom, too few to
+    plan by)."""
     out = [
         "",
-        "**Noise** (ROUGE-L points; sds of per-cell means for SWITCH alone, every cell on every "
-        "machine type; of per-seed differences, each taken within one machine type, for "
-        "SWITCH − GKD):",
+        "**Noise** (ROUGE-L points; SWITCH's seed sd pooled within machine types, so the types' "
+        "different starts are not counted as seed noise; the sd of SWITCH − GKD over their "
+        "shared seeds, each difference taken within one machine type):",
         "",
     ]
     sw = cells.get(PRIMARY, {})
-    if len(sw) < 2:
-        return out + ["(needs at least two cells of SWITCH)"]
+    if within_type_sd(sw, next(iter(BENCHES)))[0] is None:
+        return out + ["(needs two seeds of SWITCH made on one machine type)"]
     gkd = cells.get("gkd", {})
     common = shared_seeds(sw, gkd)
     out += [
-        "| benchmark | SWITCH cells | sd of SWITCH | √2 × that | seeds shared with GKD "
+        "| benchmark | SWITCH cells (df) | sd of SWITCH | √2 × that | seeds shared with GKD "
         "| sd of SWITCH − GKD over them | planned sd | seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for b in BENCHES:
-        sd = statistics.stdev(c["eval"][b]["rougeL"] for c in sw.values())
+        sd, df = within_type_sd(sw, b)
         paired = None
         if len(common) >= 3:
             paired = statistics.stdev(_diff_means(*paired_rows(sw, gkd, b)[1:])[0])
@@ -1164,7 +1190,8 @@ def _noise_table(cells, best: str | None) -> list[str]:
         need = " / ".join(str(seeds_needed(plan, d)) for d in (0.4, 0.7, 1.0))
         shown = f"{paired:.2f}" if paired is not None else "– (needs 3)"
         out.append(
-            f"| {b} | {len(sw)} | {sd:.2f} | {math.sqrt(2) * sd:.2f} | {len(common)} | {shown} "
+            f"| {b} | {len(sw)} ({df}) | {sd:.2f} | {math.sqrt(2) * sd:.2f} | {len(common)} "
+            f"| {shown} "
             f"| {plan:.2f} | {need} |"
         )
     shared = shared_seeds(sw, cells.get(best, {})) if best else {}
@@ -1425,7 +1452,7 @@ def _study_plot(path: Path, cells, copy: dict[str, float], best: str | None, mar
         [f"{t}\n{loop_text(cells[t].values())} loop" for t in tags],
         fontsize=8,
     )
-    ax.set_ylabel("greedy ROUGE-L (dot: one training seed; bar: mean)")
+    ax.set_ylabel("greedy ROUGE-L (dot: one cell; bar: mean)")
     ax.set_title("Every cell")
     ax.legend(fontsize=7)
     if margins:
@@ -1465,25 +1492,29 @@ def _sampled_table(folder: Path) -> list[str]:
         "",
         f"**Secondary protocol** (sampled, T = {cfg['temperature']}, top-p {cfg['top_p']}, "
         f"sampling seeds {', '.join(map(str, cfg['seeds']))}; the first {cfg['rows']} rows of "
-        "each benchmark; ROUGE-L ×100, mean over sampling seeds, then mean ± std over training "
-        "seeds; looping answers over all samples):",
+        "each benchmark; ROUGE-L ×100, mean over sampling seeds, then mean ± std over cells; "
+        "looping answers over all samples; one row per machine type, since the types' starts "
+        "differ: compare rows of one type):",
         "",
-        "| arm | training seeds | "
+        "| machine type | arm | cells | "
         + " | ".join(benches)
         + " | looping answers | no-repeat n-gram |",
-        "|---|---|" + "---|" * len(benches) + "---|---|",
+        "|---|---|---|" + "---|" * len(benches) + "---|---|",
     ]
-    for t in tags:
-        cs = list(cells[t].values())
-        reps = [x for c in cs for e in c["eval"].values() for x in e["repeat_share"]]
-        nr = sorted({c["sampled"]["no_repeat_ngram_size"] for c in cs})
-        out.append(
-            f"| {t} | {len(cs)} | "
-            + " | ".join(_ms([c["eval"][b]["rougeL"] for c in cs]) for b in benches)
-            + f" | {100 * sum(r > LOOPING for r in reps) / len(reps):.0f}% | "
-            + ", ".join(str(n) if n else "off" for n in nr)
-            + " |"
-        )
+    for m in sorted({m for cs in cells.values() for _, m in cs}):
+        for t in tags:
+            cs = [c for (_, mm), c in cells[t].items() if mm == m]
+            if not cs:
+                continue
+            reps = [x for c in cs for e in c["eval"].values() for x in e["repeat_share"]]
+            nr = sorted({c["sampled"]["no_repeat_ngram_size"] for c in cs})
+            out.append(
+                f"| {m} | {t} | {len(cs)} | "
+                + " | ".join(_ms([c["eval"][b]["rougeL"] for c in cs]) for b in benches)
+                + f" | {100 * sum(r > LOOPING for r in reps) / len(reps):.0f}% | "
+                + ", ".join(str(n) if n else "off" for n in nr)
+                + " |"
+            )
     return out
 
 

@@ -164,7 +164,7 @@ def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
     assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
     text = capsys.readouterr().out
     # sd 0.71 -> difference sd 1.00 -> 10 seeds at delta 1.0 (t quantiles); no GKD seeds
-    assert "| dolly | 2 | 0.71 | 1.00 | 0 | – (needs 3) | 1.00 | 52 / 19 / 10 |" in text
+    assert "| dolly | 2 (1) | 0.71 | 1.00 | 0 | – (needs 3) | 1.00 | 52 / 19 / 10 |" in text
 
 
 def test_looping_answers_are_found_and_a_degenerate_start_is_refused(ks, tmp_path, capsys):
@@ -241,7 +241,11 @@ def test_sampled_protocol_table_and_its_preconditions(ks, tmp_path, capsys):
         (folder / f"gkd-s{s}.json").write_text(json.dumps(c))
     lines = ks._sampled_table(folder)
     assert "sampling seeds 10, 20, 30, 40, 50" in lines[1]
-    assert "| gkd | 2 | 11.00 ± 1.41 | 11.00 ± 1.41 | 25% | off |" in lines
+    assert "| unknown | gkd | 2 | 11.00 ± 1.41 | 11.00 ± 1.41 | 25% | off |" in lines
+    other = {**json.loads(json.dumps(c)), "hardware": {"cpu_capability": "AVX512"}}
+    (folder / "gkd-s1-avx512.json").write_text(json.dumps(other))  # another type: its own row
+    lines = ks._sampled_table(folder)
+    assert "| avx512 | gkd | 1 | 12.00 | 12.00 | 25% | off |" in lines
     c["sampled"]["rows"] += 1
     (folder / "gkd-s1.json").write_text(json.dumps(c))
     with pytest.raises(SystemExit, match="one table cannot mix them"):
@@ -541,7 +545,33 @@ def test_the_grid_makes_only_the_pairs_no_machine_type_has(ks):
     assert ("switch", 1) in plan and ("gkd", 1) not in plan and ("sft", 1) not in plan
     assert {("distillm", 1), ("switch-fast", 1)} <= set(plan)
     assert ("switch", 2) in plan and ("gkd", 2) not in plan and ("sft", 2) in plan
+    everything = {t: {(s, "avx2"): {} for s in range(3)} for t in [*ks.ARMS, "teacher"]}
+    assert ks.grid_plan(cells, everything, "avx512") == []  # not even a warm-up to no purpose
     assert set(ks.grid_plan(cells, have, "avx2")) == {  # GKD s2 was made on avx512 only
         ("gkd", 2),
         *((t, s) for t in ("sft", "distillm", "switch-fast") for s in (1, 2)),
     }
+
+
+def test_seed_noise_is_pooled_within_machine_types(ks):
+    """Two types whose starts differ by 10 points: the pooled sd sees only the seed spread."""
+    cs = {
+        (0, "avx2"): _cell("switch", 0, [10.0] * 4, [5.0] * 4),
+        (1, "avx2"): _cell("switch", 1, [12.0] * 4, [5.0] * 4),
+        (2, "avx512"): _cell("switch", 2, [20.0] * 4, [5.0] * 4),
+        (3, "avx512"): _cell("switch", 3, [22.0] * 4, [5.0] * 4),
+    }
+    sd, df = ks.within_type_sd(cs, "dolly")
+    assert df == 2 and sd == pytest.approx(2**0.5)  # each type: 1 apart twice -> var 2
+    assert ks.within_type_sd({k: cs[k] for k in [(0, "avx2"), (2, "avx512")]}, "dolly") == (None, 0)
+
+
+def test_the_long_phase_needs_this_types_warmup_cell(ks, capsys):
+    for tag, x in (("gkd", 10.0), ("distillm", 12.0)):
+        c = _cell(tag, 0, [x] * 4, [x] * 4)
+        c["protocol"] = ks.protocol("main", tag)
+        path = ks.cell_path(ks.RESULTS, "main", tag, 0, ks.this_machine())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(c))
+    assert ks.main(["grid", "--phase", "long", "--dry-run"]) == 2
+    assert "no main-phase warm-up cell made on this" in capsys.readouterr().err
