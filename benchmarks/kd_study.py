@@ -640,6 +640,40 @@ def verify(args) -> int:
     return 0
 
 
+def start_digest(args) -> int:
+    """Build the warm-up (and with ``--teacher`` the tuned teacher) in ``--work-dir`` and compare
+    the digests of their weights with those the committed cells of this machine type record:
+    does this machine reproduce the start its type's cells trained from?"""
+    work = Path(args.work_dir)
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"{work} is not empty: the check builds from scratch in a new folder")
+    here = this_machine()
+    files = split_rows(work)
+    base, tok = _lm()
+    got = {"warmup_start": built_from(warmup(base, tok, files, work))}
+    if args.teacher:
+        tuned_teacher(base, tok, files, work)
+        got["teacher_start"] = built_from(work / teacher_name() / "student")
+    folder = RESULTS / "main"
+    recorded: dict[str, set[str]] = {}
+    for p in sorted(folder.glob(f"*-{here}.json")):
+        c = json.loads(p.read_text())
+        for kind in got:
+            if (c.get(kind) or {}).get("sha256"):
+                recorded.setdefault(kind, set()).add(c[kind]["sha256"])
+    bad = 0
+    for kind, start in got.items():
+        theirs = sorted(recorded.get(kind, set()))
+        verdict = (
+            "no committed cell of this type records one"
+            if not theirs
+            else ("the same" if theirs == [start["sha256"]] else f"DIFFERENT from {theirs}")
+        )
+        bad += verdict.startswith("DIFFERENT")
+        print(f"{kind.split('_')[0]} built here ({here}): {start['sha256']}: {verdict}")
+    return 1 if bad else 0
+
+
 def cell_model(phase_name: str, tag: str, seed: int, base, tok):
     """The model a stored cell evaluated: the tuned teacher (built from ``base``), the warm-up
     student, or the arm's trained student kept in its run folder."""
@@ -1602,6 +1636,11 @@ def main(argv=None) -> int:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--phase", choices=list(PHASES), default="main")
     v.add_argument("--work-dir", default=str(WORK.parent / "kd-study-verify"))
+    d = sub.add_parser(
+        "start-digest", help="build the start in a new folder and compare its weights' digest"
+    )
+    d.add_argument("--work-dir", default=str(WORK.parent / "kd-study-digest"))
+    d.add_argument("--teacher", action="store_true", help="the tuned teacher too (~15 min)")
     g = sub.add_parser("grid", help="run every missing cell of a phase in turn")
     g.add_argument("--phase", choices=list(PHASES), default="main")
     g.add_argument("--seeds", type=int, default=6, help="training seeds per arm")
@@ -1642,6 +1681,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     commands = {"cell": cell, "grid": grid, "sampled": sampled, "aggregate": aggregate}
     commands["verify"] = verify
+    commands["start-digest"] = start_digest
     commands["teacher-on-loops"] = teacher_on_loops
     commands["loop-onset"] = loop_onset
     commands["stop-prob"] = stop_prob

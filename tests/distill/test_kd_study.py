@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -575,3 +576,37 @@ def test_the_long_phase_needs_this_types_warmup_cell(ks, capsys):
         path.write_text(json.dumps(c))
     assert ks.main(["grid", "--phase", "long", "--dry-run"]) == 2
     assert "no main-phase warm-up cell made on this" in capsys.readouterr().err
+
+
+def test_start_digest_compares_with_the_cells_of_this_machine_type(
+    ks, tmp_path, monkeypatch, capsys
+):
+    from lmsmith.precision import hardware
+
+    built = tmp_path / "w" / "warmup-x" / "student"
+
+    def fake_warmup(base, tok, files, work):  # stands in for training the warm-up
+        built.mkdir(parents=True)
+        (built / "model.safetensors").write_bytes(b"weights")
+        (built.parent / "summary.json").write_text(json.dumps({"hardware": hardware()}))
+        return built
+
+    monkeypatch.setattr(ks, "split_rows", lambda work: {})
+    monkeypatch.setattr(ks, "_lm", lambda: (None, None))
+    monkeypatch.setattr(ks, "warmup", fake_warmup)
+    here = ks.this_machine()
+    mine = ks.built_from(fake_warmup(None, None, {}, None))
+    shutil.rmtree(tmp_path / "w")
+    folder = ks.RESULTS / "main"
+    folder.mkdir(parents=True)
+    c = _on(here, _cell("switch", 0, [1.0] * 4, [1.0] * 4), sha=mine["sha256"])
+    (folder / f"switch-s0-{here}.json").write_text(json.dumps(c))
+    assert ks.main(["start-digest", "--work-dir", str(tmp_path / "w")]) == 0
+    assert f"{mine['sha256']}: the same" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "w")
+    c["warmup_start"]["sha256"] = "0123"
+    (folder / f"switch-s0-{here}.json").write_text(json.dumps(c))
+    assert ks.main(["start-digest", "--work-dir", str(tmp_path / "w")]) == 1
+    assert "DIFFERENT from ['0123']" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not empty"):
+        ks.main(["start-digest", "--work-dir", str(tmp_path / "w")])
