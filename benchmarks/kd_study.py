@@ -871,8 +871,8 @@ def grid_plan(cells: list[tuple[str, int]], have: dict, here: str) -> list[tuple
     with an arm only within one machine type, so for each seed this machine makes every arm
     that is not yet paired with SWITCH on some type, and SWITCH itself where such an arm is
     left; a seed already paired everywhere is not made again. The warm-up cell is made once
-    per machine type (its loops are checked before any cell there trains from it), the
-    teacher's once in all."""
+    per machine type that makes anything else (its loops are checked before any cell there
+    trains from it), the teacher's once in all."""
 
     def on(t, s, m):
         return (s, m) in have.get(t, {})
