@@ -278,10 +278,8 @@ def same_machine(start: dict, here: str, kind: str, folder: Path) -> dict:
             "are made end to end on one machine type. Move the folder aside (or pass another "
             "--work-dir) so that it is rebuilt here"
         )
-    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        c = json.loads(p.read_text())
-        theirs = (c.get(kind) or {}).get("sha256")
-        if machine_of(c.get("hardware")) == here and theirs and theirs != start["sha256"]:
+    for theirs, p in recorded_digests(folder, here, kind).items():
+        if theirs != start["sha256"]:
             raise SystemExit(
                 f"{start['folder']} here has weights {start['sha256']}, but {p} (also {here}) "
                 f"started from {theirs}: this machine type does not reproduce the study's "
@@ -289,6 +287,18 @@ def same_machine(start: dict, here: str, kind: str, folder: Path) -> dict:
                 'types")'
             )
     return start
+
+
+def recorded_digests(folder: Path, machine: str, kind: str) -> dict[str, Path]:
+    """The start digests (``kind``: "warmup_start" or "teacher_start") that the cells in
+    ``folder`` made on ``machine`` record, each with the first cell that records it."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        c = json.loads(p.read_text())
+        digest = (c.get(kind) or {}).get("sha256")
+        if digest and machine_of(c.get("hardware")) == machine:
+            out.setdefault(digest, p)
+    return out
 
 
 def cpu_model() -> str | None:
@@ -654,16 +664,9 @@ def start_digest(args) -> int:
     if args.teacher:
         tuned_teacher(base, tok, files, work)
         got["teacher_start"] = built_from(work / teacher_name() / "student")
-    folder = RESULTS / "main"
-    recorded: dict[str, set[str]] = {}
-    for p in sorted(folder.glob(f"*-{here}.json")):
-        c = json.loads(p.read_text())
-        for kind in got:
-            if (c.get(kind) or {}).get("sha256"):
-                recorded.setdefault(kind, set()).add(c[kind]["sha256"])
     bad = 0
     for kind, start in got.items():
-        theirs = sorted(recorded.get(kind, set()))
+        theirs = sorted(recorded_digests(RESULTS / "main", here, kind))
         verdict = (
             "no committed cell of this type records one"
             if not theirs
