@@ -1005,9 +1005,14 @@ def _row_key(row_id: str) -> str:
     return "/".join(row_id.replace("\\", "/").split("/")[-2:])
 
 
-def check_rows(cells: Cells, folder: Path) -> None:
-    """Refuse cells that cannot be paired row by row: a benchmark missing, per-row lists of the
-    wrong length, or rows that are not the same rows in the same order as the other cells'."""
+def check_rows(
+    cells: Cells,
+    folder: Path,
+    per_row: tuple[str, ...] = ("gen_tokens", "repeat_share", "ref_words"),
+) -> None:
+    """Refuse cells that cannot be paired row by row: a benchmark missing, per-row lists (the
+    ``per_row`` keys) of the wrong length, or rows that are not the same rows in the same order
+    as the other cells'."""
     first: dict[str, tuple[str, list[str]]] = {}
     for tag, by_seed in cells.items():
         for (seed, m), c in by_seed.items():
@@ -1016,8 +1021,10 @@ def check_rows(cells: Cells, folder: Path) -> None:
                 e = c["eval"].get(b)
                 if e is None:
                     raise SystemExit(f"{name}: no {b!r} evaluation (expected {list(BENCHES)})")
+                if "row_rougeL" not in e:
+                    raise SystemExit(f"{name}: {b} has no per-row scores (row_rougeL) to pair")
                 n = len(e["row_rougeL"])
-                for k in ("gen_tokens", "repeat_share", "ref_words"):
+                for k in per_row:
                     if k in e and len(e[k]) != n:
                         raise SystemExit(f"{name}: {b}.{k} has {len(e[k])} rows, row_rougeL {n}")
                 ids = [_row_key(r) for r in e.get("rows") or []]
@@ -1250,18 +1257,41 @@ def _noise_table(cells, best: str | None) -> list[str]:
 MIN_SEEDS_P = 3  # shared seeds before a comparison gets a p-value
 
 
-def _comparisons(cells, best: str, others: list[str]) -> list[str]:
-    """SWITCH − each arm, paired by seed and row (``paired_interval``); Holm over the primary's
-    benchmarks and, separately, over all the other comparisons."""
+def comparison_stats(cells, best: str, others: list[str]):
+    """SWITCH − each arm, paired by seed and row (``paired_interval``): {(arm, benchmark): (seeds,
+    mean, low, high, p)}, and Holm-adjusted p over the primary's benchmarks and, separately,
+    over all the other comparisons (only comparisons with ``MIN_SEEDS_P`` seeds get a p)."""
     res = {}
     for b in BENCHES:
         for t in [best, *others]:
+            if t not in cells or PRIMARY not in cells:
+                continue
             seeds, a, o = paired_rows(cells[PRIMARY], cells[t], b)
             if seeds:
                 res[(t, b)] = (len(seeds), *paired_interval(a, o))
     adj = {}
     for group in ([k for k in res if k[0] == best], [k for k in res if k[0] != best]):
         adj.update(holm({k: res[k][4] for k in group if res[k][0] >= MIN_SEEDS_P}))
+    return res, adj
+
+
+def _comparison_rows(res: dict, adj: dict, best: str) -> list[str]:
+    out = [
+        "| arm | benchmark | seeds | SWITCH − arm | 95% CI | p | Holm p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (t, b), (n, est, lo, hi, p) in res.items():
+        ci = f"[{lo:+.2f}, {hi:+.2f}]" + (" rows only" if n == 1 else "")
+        out.append(
+            f"| {t}{' (primary)' if t == best else ''} | {b} | {n} | {est:+.2f} | {ci} | "
+            f"{_p(p if n >= MIN_SEEDS_P else None)} | {_p(adj.get((t, b)))} |"
+        )
+    return out
+
+
+def _comparisons(cells, best: str, others: list[str]) -> list[str]:
+    """The primary protocol's comparison table (``comparison_stats``)."""
+    res, adj = comparison_stats(cells, best, others)
     out = [
         "",
         "**SWITCH against the other arms** (mean of SWITCH − arm in ROUGE-L points, paired by "
@@ -1273,16 +1303,8 @@ def _comparisons(cells, best: str, others: list[str]) -> list[str]:
         f"against the better of GKD and DistiLLM on their shared seeds, here **{best}**, Holm "
         "over its two benchmarks; Holm over all the other comparisons together):",
         "",
-        "| arm | benchmark | seeds | SWITCH − arm | 95% CI | p | Holm p |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for (t, b), (n, est, lo, hi, p) in res.items():
-        ci = f"[{lo:+.2f}, {hi:+.2f}]" + (" rows only" if n == 1 else "")
-        out.append(
-            f"| {t}{' (primary)' if t == best else ''} | {b} | {n} | {est:+.2f} | {ci} | "
-            f"{_p(p if n >= MIN_SEEDS_P else None)} | {_p(adj.get((t, b)))} |"
-        )
-    return out
+    return out + _comparison_rows(res, adj, best)
 
 
 def aggregate(args) -> int:
@@ -1354,7 +1376,7 @@ def aggregate(args) -> int:
         margins = _bucket_margins(cells, best)
         out += _by_length(margins, best)
     out += _share_table(cells)
-    out += _sampled_table(folder.parent / f"{args.phase}-sampled")
+    out += _sampled_table(folder.parent / f"{args.phase}-sampled", best)
     if args.doc:
         plot = Path(args.doc).parent / f"kd_study_{args.phase}.png"
         _study_plot(plot, cells, copy, best, margins)
@@ -1508,11 +1530,15 @@ def _study_plot(path: Path, cells, copy: dict[str, float], best: str | None, mar
     plt.close(fig)
 
 
-def _sampled_table(folder: Path) -> list[str]:
-    """The secondary protocol's table: sampled ROUGE-L (five sampling seeds) per arm."""
+def _sampled_table(folder: Path, best: str | None = None) -> list[str]:
+    """The secondary protocol's tables: sampled ROUGE-L (five sampling seeds) per arm and
+    machine type, then SWITCH against the other arms paired by seed and row as for the primary
+    protocol (each row's score the mean over the sampling seeds), against the primary
+    protocol's comparator ``best``."""
     cells = load_cells(folder) if folder.is_dir() else {}
     if not cells:
         return []
+    check_rows(cells, folder, per_row=())  # repeat_share holds one value per sample here
     tags = table_order(cells)
     benches = list(BENCHES)
     first = next(iter(next(iter(cells.values())).values()))
@@ -1552,6 +1578,19 @@ def _sampled_table(folder: Path) -> list[str]:
                 + ", ".join(str(n) if n else "off" for n in nr)
                 + " |"
             )
+    if best and PRIMARY in cells:
+        others = [t for t in ARMS if t not in (PRIMARY, best) and t in cells]
+        res, adj = comparison_stats(cells, best, others)
+        if res:
+            out += [
+                "",
+                "**Secondary protocol, SWITCH against the other arms** (the same pairing, "
+                "interval and Holm groups as the primary table, on the sampled cells: each row's "
+                "ROUGE-L is its mean over the five sampling seeds, so the row spread includes "
+                f"the sampling noise; primary comparator **{best}**, as above):",
+                "",
+                *_comparison_rows(res, adj, best),
+            ]
     return out
 
 

@@ -238,7 +238,8 @@ def test_sampled_protocol_table_and_its_preconditions(ks, tmp_path, capsys):
     folder.mkdir(parents=True)
     for s, v in enumerate((10.0, 12.0)):
         c = {"tag": "gkd", "seed": s, "sampled": {**ks.SAMPLED, "no_repeat_ngram_size": 0}}
-        c["eval"] = {b: {"rougeL": v, "repeat_share": [0.9, 0.0, 0.0, 0.0]} for b in ks.BENCHES}
+        e = {"rougeL": v, "row_rougeL": [v, v], "repeat_share": [0.9, 0.0, 0.0, 0.0]}
+        c["eval"] = {b: dict(e) for b in ks.BENCHES}  # 2 rows × 2 samples
         (folder / f"gkd-s{s}.json").write_text(json.dumps(c))
     lines = ks._sampled_table(folder)
     assert "sampling seeds 10, 20, 30, 40, 50" in lines[1]
@@ -251,6 +252,34 @@ def test_sampled_protocol_table_and_its_preconditions(ks, tmp_path, capsys):
     (folder / "gkd-s1.json").write_text(json.dumps(c))
     with pytest.raises(SystemExit, match="one table cannot mix them"):
         ks._sampled_table(folder)
+
+
+def test_sampled_cells_are_compared_paired_by_seed_and_row(ks, tmp_path):
+    folder = tmp_path / "results" / "main-sampled"
+    folder.mkdir(parents=True)
+    rows = [f"dolly/valid.jsonl:{i}" for i in range(4)]
+    for s in range(3):
+        for tag, off in (("switch", -1.0), ("distillm", 0.0), ("gkd", 0.5)):
+            c = {"tag": tag, "seed": s, "sampled": {**ks.SAMPLED, "no_repeat_ngram_size": 0}}
+            row = [10.0 + i + 0.1 * s + off for i in range(4)]
+            # five samples a row: repeat_share is longer than the row list, and that is fine
+            e = {
+                "rougeL": sum(row) / 4,
+                "rows": rows,
+                "row_rougeL": row,
+                "repeat_share": [0.0] * 20,
+            }
+            c["eval"] = {b: dict(e) for b in ks.BENCHES}
+            (folder / f"{tag}-s{s}.json").write_text(json.dumps(c))
+    lines = ks._sampled_table(folder, best="distillm")
+    assert "| distillm (primary) | dolly | 3 | -1.00 | [-1.00, -1.00] | <0.001 | <0.001 |" in lines
+    assert any(x.startswith("| gkd | self-inst | 3 | -1.50 |") for x in lines)
+    assert not any("switch-fast" in x for x in lines)  # no cell, no row
+    assert not any("against the other arms" in x for x in ks._sampled_table(folder))  # no best
+    c["eval"]["dolly"]["rows"] = rows[::-1]  # another order: not pairable
+    (folder / "gkd-s2.json").write_text(json.dumps(c))
+    with pytest.raises(SystemExit, match="rows differ"):
+        ks._sampled_table(folder, best="distillm")
 
 
 def test_grid_stops_when_the_warmup_it_just_made_loops(ks, tmp_path, monkeypatch, capsys):
