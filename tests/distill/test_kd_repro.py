@@ -115,3 +115,29 @@ def test_aggregate_replaces_only_its_block_of_a_doc(kd, tmp_path):
 def test_aggregate_without_cells_says_so(kd, capsys):
     assert kd.main(["aggregate"]) == 1
     assert "no cells" in capsys.readouterr().out
+
+
+def test_claims_get_intervals_paired_by_training_seed(kd, tmp_path):
+    kd.RESULTS.mkdir(parents=True)
+    rows = [_cell("switch", 10, s, v, 0.4) for s, v in enumerate([8.0, 9.0, 10.0])]
+    rows += [_cell("gkd", 10, s, v, 0.0) for s, v in enumerate([7.0, 7.5, 8.0])]
+    rows += [_cell("switch-constant", 10, s, 8.0, 0.2, {"schedule": "constant"}) for s in range(3)]
+    rows += [_cell("switch", 5, s, 6.0, 0.5) for s in range(3)]
+    rows += [_cell("gkd", 5, s, v, 0.0) for s, v in enumerate([4.0, 5.0, 6.0])]
+    rows += [_cell("distillm", 5, 7, 9.0, 0.0)]  # a seed nobody else has: never paired
+    for i, c in enumerate(rows):
+        (kd.RESULTS / f"{i}.json").write_text(json.dumps(c))
+    assert kd.main(["aggregate", "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    # differences 1, 1.5, 2: sd 0.5, half-width t(0.975, 2) 4.303 × 0.5 / √3 = 1.24
+    assert (
+        "| (a) | SWITCH − gkd (best other by mean) | dolly | 3 | +1.50 | [+0.26, +2.74] |" in text
+    )
+    assert "| (c) | exponential 0.02 − constant | dolly | 3 | +1.00 |" in text
+    # distillm's lone seed 7 has the best 5-layer mean but pairs with no SWITCH seed: gkd's
+    # gaps are 2, 1, 0 at 5 layers against 1, 1.5, 2 at 10, so the gap changes by 1, -0.5, -2
+    assert "| (d) | SWITCH − gkd, 5 layers | dolly | 3 | +1.00 |" in text
+    assert "| (d) | gap at 5 layers − gap at 10 layers | dolly | 3 | -0.50 |" in text
+    assert "distillm, 5 layers" not in text
+    assert kd.seed_diffs(rows[:3], rows[3:6], "dolly") == {0: 1.0, 1: 1.5, 2: 2.0}
+    assert kd.t_interval([1.0]) == (1, 1.0, 1.0, 1.0)
