@@ -1202,41 +1202,61 @@ def within_type_sd(cs: dict, bench: str) -> tuple[float | None, int]:
     return math.sqrt(ss / df), df
 
 
+def detectable(sd: float, n: int) -> float:
+    """The smallest difference n seeds detect at 80% power, two-sided 5%, by a paired t-test on
+    per-seed differences of sd ``sd``: (t_0.975 + t_0.80 at n − 1 df) sd / √n."""
+    from scipy import stats
+
+    return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n))
+
+
+PLANNED_SEEDS = 6  # the issue's main phase: at least six seeds per arm
+
+
 def _noise_table(cells, best: str | None) -> list[str]:
     """The seed noise of the primary metric and the seeds a comparison needs. Planned by the
-    larger of two estimates of the sd of a per-seed difference: √2 × SWITCH's seed sd (arms
-    uncorrelated; pooled within machine types) and, once SWITCH and GKD share three seeds, the
-    sd of their paired difference (two shared seeds give it one degree of freedom, too few to
-    plan by)."""
+    largest estimate of the sd of a per-seed difference: √2 × SWITCH's seed sd (arms
+    uncorrelated; pooled within machine types) and, once SWITCH shares three seeds with it, the
+    sd of the paired difference with GKD (the pilot's arm) and with the primary comparator
+    (two shared seeds give it one degree of freedom, too few to plan by)."""
+    arms = ["gkd"] + ([best] if best and best != "gkd" else [])
     out = [
         "",
         "**Noise** (ROUGE-L points; SWITCH's seed sd pooled within machine types, so the types' "
-        "different starts are not counted as seed noise; the sd of SWITCH − GKD over their "
-        "shared seeds, each difference taken within one machine type):",
+        "different starts are not counted as seed noise; the sd of SWITCH − "
+        + " and of SWITCH − ".join(arms)
+        + " over their shared seeds, each difference taken within one machine type; the planned "
+        "sd is the largest of these from three shared seeds on; the last column is the smallest "
+        f"difference {PLANNED_SEEDS} seeds detect at 80% power with it):",
         "",
     ]
     sw = cells.get(PRIMARY, {})
     if within_type_sd(sw, next(iter(BENCHES)))[0] is None:
         return out + ["(needs two seeds of SWITCH made on one machine type)"]
-    gkd = cells.get("gkd", {})
-    common = shared_seeds(sw, gkd)
+    common = {t: shared_seeds(sw, cells.get(t, {})) for t in arms}
+    heads = [f"seeds shared with {t} | sd of SWITCH − {t} over them" for t in arms]
     out += [
-        "| benchmark | SWITCH cells (df) | sd of SWITCH | √2 × that | seeds shared with GKD "
-        "| sd of SWITCH − GKD over them | planned sd | seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| benchmark | SWITCH cells (df) | sd of SWITCH | √2 × that | "
+        + " | ".join(heads)
+        + " | planned sd | seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 "
+        f"| Δ that {PLANNED_SEEDS} seeds detect |",
+        "|---|---|---|---|" + "---|---|" * len(arms) + "---|---|---|",
     ]
     for b in BENCHES:
         sd, df = within_type_sd(sw, b)
-        paired = None
-        if len(common) >= 3:
-            paired = statistics.stdev(_diff_means(*paired_rows(sw, gkd, b)[1:])[0])
-        plan = max(math.sqrt(2) * sd, paired or 0.0)
+        cols, plan = [], math.sqrt(2) * sd
+        for t in arms:
+            if len(common[t]) >= 3:
+                paired = statistics.stdev(_diff_means(*paired_rows(sw, cells[t], b)[1:])[0])
+                plan = max(plan, paired)
+                cols.append(f"{len(common[t])} | {paired:.2f}")
+            else:
+                cols.append(f"{len(common[t])} | – (needs 3)")
         need = " / ".join(str(seeds_needed(plan, d)) for d in (0.4, 0.7, 1.0))
-        shown = f"{paired:.2f}" if paired is not None else "– (needs 3)"
         out.append(
-            f"| {b} | {len(sw)} ({df}) | {sd:.2f} | {math.sqrt(2) * sd:.2f} | {len(common)} "
-            f"| {shown} "
-            f"| {plan:.2f} | {need} |"
+            f"| {b} | {len(sw)} ({df}) | {sd:.2f} | {math.sqrt(2) * sd:.2f} | "
+            + " | ".join(cols)
+            + f" | {plan:.2f} | {need} | {detectable(plan, PLANNED_SEEDS):.2f} |"
         )
     shared = shared_seeds(sw, cells.get(best, {})) if best else {}
     if shared:

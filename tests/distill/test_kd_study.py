@@ -145,7 +145,7 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     assert "| sft | dolly | 3 | +4.00 |" in text
     assert "| gkd | dolly | 3 | 2/4 | 27.00 | 25.00 | +2.00 |" in text  # rows 1-2 only
     assert "| sft | dolly | 3 | 3/4 |" in text  # SFT never loops: only SWITCH's loop drops
-    assert "sd of SWITCH − GKD over them" in text and "| 0-15 | 16-63 |" in text
+    assert "sd of SWITCH − gkd over them" in text and "| 0-15 | 16-63 |" in text
     assert "(primary) | dolly | 3 | +2.00 | [+2.00, +2.00] | <0.001 | <0.001 |" in text
     assert (
         "| switch | 3 | unknown ×3 | 20.78 ± 0.03 |" in text
@@ -165,7 +165,23 @@ def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
     assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
     text = capsys.readouterr().out
     # sd 0.71 -> difference sd 1.00 -> 10 seeds at delta 1.0 (t quantiles); no GKD seeds
-    assert "| dolly | 2 (1) | 0.71 | 1.00 | 0 | – (needs 3) | 1.00 | 52 / 19 / 10 |" in text
+    # six seeds detect (t_0.975 + t_0.80 at 5 df) × 1.00 / √6 = (2.571 + 0.920) / 2.449 = 1.42
+    assert "| dolly | 2 (1) | 0.71 | 1.00 | 0 | – (needs 3) | 1.00 | 52 / 19 / 10 | 1.42 |" in text
+
+
+def test_the_primary_comparators_paired_noise_can_set_the_plan(ks, tmp_path, capsys):
+    folder = tmp_path / "results" / "main"
+    folder.mkdir(parents=True)
+    for s in range(3):
+        for tag, off in (("switch", 0.1 * s), ("gkd", 0.5 + 0.1 * s), ("distillm", 2.0 + s)):
+            d = [10.0 + off, 20.0 + off, 30.0 + off, 15.0 + off]
+            (folder / f"{tag}-s{s}.json").write_text(json.dumps(_cell(tag, s, d, d)))
+    assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
+    text = capsys.readouterr().out
+    # SWITCH's sd 0.10 (√2: 0.14); SWITCH − gkd is -0.5 every seed (sd 0); SWITCH − distillm is
+    # -2.0, -2.9, -3.8 (sd 0.90): the primary comparator's paired sd is the plan
+    assert "| dolly | 3 (2) | 0.10 | 0.14 | 3 | 0.00 | 3 | 0.90 | 0.90 |" in text
+    assert "sd of SWITCH − distillm over them" in text
 
 
 def test_looping_answers_are_found_and_a_degenerate_start_is_refused(ks, tmp_path, capsys):
