@@ -597,8 +597,19 @@ def aggregate(args) -> int:
 def seed_diffs(a: list[dict], b: list[dict], bench: str) -> dict[int, float]:
     """A − B on ``bench`` for every training seed both have (seed s of one against seed s of
     the other: they saw the same prompts in the same order)."""
-    sa = {c["seed"]: c["eval"][bench]["rougeL"] for c in a if bench in c["eval"]}
-    sb = {c["seed"]: c["eval"][bench]["rougeL"] for c in b if bench in c["eval"]}
+
+    def by_seed(cs: list[dict]) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for c in cs:
+            if bench in c["eval"]:
+                if c["seed"] in out:
+                    raise SystemExit(
+                        f"two {c['tag']} cells of {c['layers']} layers have seed {c['seed']}"
+                    )
+                out[c["seed"]] = c["eval"][bench]["rougeL"]
+        return out
+
+    sa, sb = by_seed(a), by_seed(b)
     return {s: sa[s] - sb[s] for s in sorted(set(sa) & set(sb))}
 
 
@@ -651,8 +662,8 @@ def _claim_intervals(groups, benches) -> list[str]:
             if best:
                 gaps[n] = seed_diffs(sw[n], groups[(best, n)], b)
                 rows.append(("d", f"SWITCH − {best}, {n} layers", b, gaps[n]))
-        if len(gaps) == 2:
-            big, small = sorted(gaps, reverse=True)
+        if len(gaps) >= 2:  # the largest student against the smallest
+            big, small = max(gaps), min(gaps)
             d = {s: gaps[small][s] - gaps[big][s] for s in gaps[small] if s in gaps[big]}
             rows.append(("d", f"gap at {small} layers − gap at {big} layers", b, d))
     if not rows:
@@ -669,6 +680,8 @@ def _claim_intervals(groups, benches) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for claim, name, b, d in sorted(rows, key=lambda r: r[0]):
+        if not d:
+            continue  # no seed both sides have: nothing to pair
         n, m, lo, hi = t_interval(list(d.values()))
         ci = f"[{lo:+.2f}, {hi:+.2f}]" if n > 1 else "–"
         out.append(f"| ({claim}) | {name} | {b} | {n} | {m:+.2f} | {ci} |")

@@ -1558,7 +1558,6 @@ def _sampled_table(folder: Path, best: str | None = None) -> list[str]:
     cells = load_cells(folder) if folder.is_dir() else {}
     if not cells:
         return []
-    check_rows(cells, folder, per_row=())  # repeat_share holds one value per sample here
     tags = table_order(cells)
     benches = list(BENCHES)
     first = next(iter(next(iter(cells.values())).values()))
@@ -1571,6 +1570,7 @@ def _sampled_table(folder: Path, best: str | None = None) -> list[str]:
                     f"{c['_file']} was sampled with {c['sampled']}, another cell with "
                     f"{cfg}: one table cannot mix them (rerun it with the same settings)"
                 )
+    check_rows(cells, folder, per_row=())  # repeat_share holds one value per sample here
     out = [
         "",
         f"**Secondary protocol** (sampled, T = {cfg['temperature']}, top-p {cfg['top_p']}, "

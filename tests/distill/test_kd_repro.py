@@ -125,6 +125,7 @@ def test_claims_get_intervals_paired_by_training_seed(kd, tmp_path):
     rows += [_cell("switch", 5, s, 6.0, 0.5) for s in range(3)]
     rows += [_cell("gkd", 5, s, v, 0.0) for s, v in enumerate([4.0, 5.0, 6.0])]
     rows += [_cell("distillm", 5, 7, 9.0, 0.0)]  # a seed nobody else has: never paired
+    rows += [_cell("switch-linear0.01", 10, 9, 7.0, 0.3, {"schedule": "linear"})]  # nor this
     for i, c in enumerate(rows):
         (kd.RESULTS / f"{i}.json").write_text(json.dumps(c))
     assert kd.main(["aggregate", "--out", str(tmp_path / "t.md")]) == 0
@@ -139,5 +140,8 @@ def test_claims_get_intervals_paired_by_training_seed(kd, tmp_path):
     assert "| (d) | SWITCH − gkd, 5 layers | dolly | 3 | +1.00 |" in text
     assert "| (d) | gap at 5 layers − gap at 10 layers | dolly | 3 | -0.50 |" in text
     assert "distillm, 5 layers" not in text
+    assert "linear0.01" not in text.split("**The claims' differences")[1]  # no row without a pair
     assert kd.seed_diffs(rows[:3], rows[3:6], "dolly") == {0: 1.0, 1: 1.5, 2: 2.0}
     assert kd.t_interval([1.0]) == (1, 1.0, 1.0, 1.0)
+    with pytest.raises(SystemExit, match="two gkd cells of 10 layers have seed 0"):
+        kd.seed_diffs(rows[:3], rows[3:6] + rows[3:4], "dolly")

@@ -287,10 +287,14 @@ def test_sampled_cells_are_compared_paired_by_seed_and_row(ks, tmp_path):
             }
             c["eval"] = {b: dict(e) for b in ks.BENCHES}
             (folder / f"{tag}-s{s}.json").write_text(json.dumps(c))
+    # a SWITCH cell of another machine type has no partner there: seeds stay 3, values as before
+    other = {**c, "tag": "switch", "seed": 0, "hardware": {"cpu_capability": "AVX2"}}
+    (folder / "switch-s0-avx2.json").write_text(json.dumps(other))
     lines = ks._sampled_table(folder, best="distillm")
     assert "| distillm (primary) | dolly | 3 | -1.00 | [-1.00, -1.00] | <0.001 | <0.001 |" in lines
     assert any(x.startswith("| gkd | self-inst | 3 | -1.50 |") for x in lines)
-    assert not any("switch-fast" in x for x in lines)  # no cell, no row
+    res, _ = ks.comparison_stats(ks.load_cells(folder), "distillm", ["switch-fast"])
+    assert ("switch-fast", "dolly") not in res and ("distillm", "dolly") in res  # no cells
     assert not any("against the other arms" in x for x in ks._sampled_table(folder))  # no best
     c["eval"]["dolly"]["rows"] = rows[::-1]  # another order: not pairable
     (folder / "gkd-s2.json").write_text(json.dumps(c))
