@@ -636,22 +636,25 @@ def _claim_intervals(groups, benches) -> list[str]:
     rows: list[tuple[str, str, str, dict]] = []
     sw = {n: groups[k] for k in groups if k[0] == "switch" for n in [k[1]]}
 
-    def best_paired(n: int, b: str, among) -> str | None:
-        """The method with the best mean on the seeds it shares with SWITCH at this size."""
-        means = {}
+    def best_paired(n: int, b: str, among) -> tuple[str, dict[int, float]] | None:
+        """The method with the best mean on the seeds it shares with SWITCH at this size, and
+        SWITCH − it per shared seed."""
+        found = {}
         for m in among:
             if m != "switch" and (m, n) in groups:
-                seeds = set(seed_diffs(sw[n], groups[(m, n)], b))
-                xs = [c["eval"][b]["rougeL"] for c in groups[(m, n)] if c["seed"] in seeds]
+                d = seed_diffs(sw[n], groups[(m, n)], b)
+                xs = [c["eval"][b]["rougeL"] for c in groups[(m, n)] if c["seed"] in d]
                 if xs:
-                    means[m] = statistics.fmean(xs)
-        return max(means, key=means.get) if means else None
+                    found[m] = (statistics.fmean(xs), d)
+        if not found:
+            return None
+        m = max(found, key=lambda k: found[k][0])
+        return m, found[m][1]
 
     for b in benches:
         best = best_paired(10, b, METHODS) if 10 in sw else None
         if best:
-            d = seed_diffs(sw[10], groups[(best, 10)], b)
-            rows.append(("a", f"SWITCH − {best} (best other by mean)", b, d))
+            rows.append(("a", f"SWITCH − {best[0]} (best other by mean)", b, best[1]))
         for t in ("switch-constant", "switch-linear0.01"):
             if 10 in sw and (t, 10) in groups:
                 d = seed_diffs(sw[10], groups[(t, 10)], b)
@@ -660,8 +663,8 @@ def _claim_intervals(groups, benches) -> list[str]:
         for n in sorted(sw, reverse=True):
             best = best_paired(n, b, ["gkd", "distillm"])
             if best:
-                gaps[n] = seed_diffs(sw[n], groups[(best, n)], b)
-                rows.append(("d", f"SWITCH − {best}, {n} layers", b, gaps[n]))
+                gaps[n] = best[1]
+                rows.append(("d", f"SWITCH − {best[0]}, {n} layers", b, gaps[n]))
         if len(gaps) >= 2:  # the largest student against the smallest
             big, small = max(gaps), min(gaps)
             d = {s: gaps[small][s] - gaps[big][s] for s in gaps[small] if s in gaps[big]}

@@ -1114,18 +1114,24 @@ def _p(p: float | None) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _power_t(n: int) -> float:
+    """t_0.975 + t_0.80 at n − 1 df: a paired t-test on n per-seed differences, two-sided 5%,
+    has 80% power at Δ = this × sd / √n."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1))
+
+
 def seeds_needed(sd: float, delta: float) -> int:
     """Seeds for a paired t-test on per-seed differences to detect ``delta`` at 80% power,
     two-sided 5%, given the standard deviation ``sd`` of the per-seed difference: the smallest n
     with n >= ((t_0.975 + t_0.80 at n - 1 df) sd / delta)^2. The evaluation rows are fixed;
     the interval of ``paired_interval``, which also counts rows, is wider."""
-    from scipy import stats
 
     if delta <= 0:
         return math.inf  # type: ignore[return-value]
     for n in range(2, 100_000):
-        t = stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)
-        if n >= (t * sd / delta) ** 2:
+        if n >= (_power_t(n) * sd / delta) ** 2:
             return n
     return math.inf  # type: ignore[return-value]
 
@@ -1205,9 +1211,7 @@ def within_type_sd(cs: dict, bench: str) -> tuple[float | None, int]:
 def detectable(sd: float, n: int) -> float:
     """The smallest difference n seeds detect at 80% power, two-sided 5%, by a paired t-test on
     per-seed differences of sd ``sd``: (t_0.975 + t_0.80 at n − 1 df) sd / √n."""
-    from scipy import stats
-
-    return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n))
+    return _power_t(n) * sd / math.sqrt(n)
 
 
 PLANNED_SEEDS = 6  # the issue's main phase: at least six seeds per arm
@@ -1258,7 +1262,7 @@ def _noise_table(cells, best: str | None) -> list[str]:
             + " | ".join(cols)
             + f" | {plan:.2f} | {need} | {detectable(plan, PLANNED_SEEDS):.2f} |"
         )
-    shared = shared_seeds(sw, cells.get(best, {})) if best else {}
+    shared = common.get(best, {}) if best else {}  # best is one of ``arms``
     if shared:
         se = []
         for b in BENCHES:
@@ -1282,10 +1286,9 @@ def comparison_stats(cells, best: str, others: list[str]):
     mean, low, high, p)}, and Holm-adjusted p over the primary's benchmarks and, separately,
     over all the other comparisons (only comparisons with ``MIN_SEEDS_P`` seeds get a p)."""
     res = {}
+    arms = [t for t in [best, *others] if t in cells] if PRIMARY in cells else []
     for b in BENCHES:
-        for t in [best, *others]:
-            if t not in cells or PRIMARY not in cells:
-                continue
+        for t in arms:
             seeds, a, o = paired_rows(cells[PRIMARY], cells[t], b)
             if seeds:
                 res[(t, b)] = (len(seeds), *paired_interval(a, o))
