@@ -1081,18 +1081,22 @@ def paired_interval(a: list[list[float]], b: list[list[float]]):
     seed-by-row interaction counts in both). Student t with Welch–Satterthwaite degrees of
     freedom, so that few seeds give a wide interval. With one seed there is no seed component:
     the interval covers rows only and the caller must say so. Returns (mean, low, high, p)."""
+    seed_means, row_means = _diff_means(a, b)
+    return _t_interval(statistics.fmean(seed_means), [seed_means, row_means])
+
+
+def _t_interval(est: float, samples: list[list[float]]):
+    """``est`` with a 95% t interval and a two-sided p, its squared standard error the sum of
+    each sample's variance of the mean (a sample of one adds nothing), the degrees of freedom
+    Welch–Satterthwaite's. Returns (est, low, high, p)."""
     from scipy import stats
 
-    seed_means, row_means = _diff_means(a, b)
-    n_s, n_r = len(seed_means), len(row_means)
-    est = statistics.fmean(seed_means)
-    v_rows = statistics.variance(row_means) / n_r if n_r > 1 else 0.0
-    v_seeds = statistics.variance(seed_means) / n_s if n_s > 1 else 0.0
-    se = math.sqrt(v_rows + v_seeds)
+    parts = [(statistics.variance(x) / len(x), len(x) - 1) for x in samples if len(x) > 1]
+    parts = [(v, k) for v, k in parts if v > 0]
+    se = math.sqrt(sum(v for v, _ in parts))
     if se == 0:
         return est, est, est, (0.0 if est else 1.0)
-    parts = [(v, k - 1) for v, k in ((v_seeds, n_s), (v_rows, n_r)) if v > 0]
-    df = (v_rows + v_seeds) ** 2 / sum(v * v / k for v, k in parts)
+    df = se**4 / sum(v * v / k for v, k in parts)
     q = float(stats.t.ppf(0.975, df))
     p = float(2 * stats.t.sf(abs(est) / se, df))
     return est, est - q * se, est + q * se, p
