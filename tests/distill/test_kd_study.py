@@ -136,7 +136,9 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
                 e["repeat_share"][0] = 0.8 if (tag, s) == ("gkd", 2) else 0.0
             (folder / f"{tag}-s{s}.json").write_text(json.dumps(c))
     doc = tmp_path / "r.md"
-    doc.write_text("x\n<!-- kd-study-main: begin -->\nold\n<!-- kd-study-main: end -->\ny\n")
+    doc.write_text(
+        "x\n<!-- kd-study-main: begin -->\nSTALE-BLOCK\n<!-- kd-study-main: end -->\ny\n"
+    )
     assert (
         ks.main(["aggregate", "--results-dir", str(tmp_path / "results"), "--doc", str(doc)]) == 0
     )
@@ -150,10 +152,36 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     assert (
         "| switch | 3 | unknown ×3 | 20.78 ± 0.03 |" in text
     )  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
+    assert "SWITCH − gkd | greedy | dolly | 3 | +2.00 | [+2.00, +2.00] | <0.001 | held |" in text
+    # the same margin (+2 Dolly, +1 Self-Instruct) on short and long references: no growth
+    (line,) = [x for x in text.splitlines() if x.startswith("| (b)")]
+    assert line.endswith("| both pooled | 3 | -0.00 | [-1.00, +1.00] | 1.000 | not established |")
     body = doc.read_text()
-    assert body.startswith("x\n") and body.endswith("y\n") and "old" not in body
+    assert body.startswith("x\n") and body.endswith("y\n") and "STALE-BLOCK" not in body
     assert "![every cell, and SWITCH − gkd by reference length](kd_study_main.png)" in body
     assert (tmp_path / "kd_study_main.png").stat().st_size > 10_000  # drawn beside the doc
+
+
+def test_claim_b_contrasts_the_margin_on_long_and_short_references(ks):
+    """Rows 2-3 of ``_cell`` have references over 64 words: SWITCH trails GKD by 2 on the short
+    rows and leads by 1 on the long ones, so its margin grows by 3 with length."""
+    rng = random.Random(3)
+    cells = {"switch": {}, "gkd": {}}
+    for s in range(4):
+        g = [30 + rng.gauss(0, 5) for _ in range(4)]
+        sw = [x + d + rng.gauss(0, 0.3) for x, d in zip(g, (-2, -2, 1, 1))]
+        cells["gkd"][(s, "avx2")] = _cell("gkd", s, g, g)
+        cells["switch"][(s, "avx2")] = _cell("switch", s, sw, sw)
+    n_short, n_long, est, lo, hi, p = ks.length_contrast(cells, "gkd")
+    assert (n_short, n_long) == (4, 4)  # two rows of each benchmark on each side
+    assert lo < est < hi and est == pytest.approx(3.0, abs=0.5) and p < 0.05
+    assert ks.verdict(4, est, p) == "held"
+    assert ks.length_contrast(cells, "gkd", split=500) is None  # no long rows
+    flat = {t: {k: _cell(t, k[0], [30.0] * 4, [30.0] * 4) for k in cs} for t, cs in cells.items()}
+    assert ks.length_contrast(flat, "gkd")[2:] == (0.0, 0.0, 0.0, 1.0)
+    assert ks.verdict(4, -1.0, 0.01) == "contradicted"
+    assert ks.verdict(4, -1.0, 0.2) == "not established"
+    assert ks.verdict(2, 5.0, None).startswith("too few seeds")
 
 
 def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
