@@ -1406,7 +1406,13 @@ def aggregate(args) -> int:
     sampled_folder = folder.parent / f"{args.phase}-sampled"
     out += _sampled_table(sampled_folder, best)
     if PRIMARY in cells and best:
-        out += _claims(cells, best, load_cells(sampled_folder) if sampled_folder.is_dir() else {})
+        main = folder.parent / "main"
+        out += _claims(
+            cells,
+            best,
+            load_cells(sampled_folder) if sampled_folder.is_dir() else {},
+            load_cells(main) if args.phase != "main" and main.is_dir() else None,
+        )
     if args.doc:
         plot = Path(args.doc).parent / f"kd_study_{args.phase}.png"
         _study_plot(plot, cells, copy, best, margins)
@@ -1530,6 +1536,25 @@ def length_contrast(cells, best: str, split: int = LONG_REF):
     return (len(short_rows), len(long_rows), *_t_interval(est, [per_seed, long_rows, short_rows]))
 
 
+def margin_cells(cells, best: str) -> dict:
+    """SWITCH − ``best`` row by row, as cells keyed (seed, machine type) like ``load_cells``'
+    (only the keys both arms have), so that margins pair like scores (``paired_rows``)."""
+    out = {}
+    for k in set(cells[PRIMARY]) & set(cells[best]):
+        a, b = cells[PRIMARY][k]["eval"], cells[best][k]["eval"]
+        out[k] = {
+            "eval": {
+                bench: {
+                    "row_rougeL": [
+                        x - y for x, y in zip(a[bench]["row_rougeL"], b[bench]["row_rougeL"])
+                    ]
+                }
+                for bench in BENCHES
+            }
+        }
+    return out
+
+
 def verdict(n: int, est: float, p: float | None) -> str:
     """A claim that SWITCH's difference is positive: held or contradicted when ``p`` (already
     Holm-adjusted where the claim has several tests) is below 0.05, else not established."""
@@ -1540,9 +1565,11 @@ def verdict(n: int, est: float, p: float | None) -> str:
     return "held" if est > 0 else "contradicted"
 
 
-def _claims(cells, best: str, sampled: dict) -> list[str]:
+def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[str]:
     """The SWITCH paper's claims as this study tests them, each with its interval and a verdict
-    by a fixed rule (``verdict``); (c) and (d) are outside the grid."""
+    by a fixed rule (``verdict``); (c) and (d) are outside the grid. ``main``: the main phase's
+    cells, when these are another phase's (the long one): (b) then also compares SWITCH's
+    margin over ``best`` here with its margin there, paired by seed and row."""
     out = [
         "",
         "**The paper's claims as this phase tests them** (ROUGE-L points, paired by seed and "
@@ -1574,6 +1601,20 @@ def _claims(cells, best: str, sampled: dict) -> list[str]:
             f"| {n} | {est:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {_p(p if n >= MIN_SEEDS_P else None)} "
             f"| {verdict(n, est, p)} |"
         )
+    if main and best in main and PRIMARY in main:
+        here, there = margin_cells(cells, best), margin_cells(main, best)
+        for b in BENCHES:
+            seeds, x, y = paired_rows(here, there, b)
+            if not seeds:
+                continue
+            est, lo, hi, p = paired_interval(x, y)
+            p = p if len(seeds) >= MIN_SEEDS_P else None
+            out.append(
+                f"| (b) the margin grows with the training and evaluation length: (SWITCH − "
+                f"{best}, this phase) − (SWITCH − {best}, main phase) | greedy | {b} "
+                f"| {len(seeds)} | {est:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {_p(p)} "
+                f"| {verdict(len(seeds), est, p)} |"
+            )
     out += [
         "",
         "(c) (an exponential threshold beats constant and linear ones) and (d) (gains grow with "

@@ -184,6 +184,28 @@ def test_claim_b_contrasts_the_margin_on_long_and_short_references(ks):
     assert ks.verdict(2, 5.0, None).startswith("too few seeds")
 
 
+def test_the_long_phase_compares_switchs_margin_with_the_main_phases(ks, tmp_path, capsys):
+    """SWITCH trails GKD by 2 in the main phase and by 1 (give or take a seed's 0.1) in the long
+    one: claim (b)'s cross-phase row finds the +1, paired by seed; seed 3 has no main cell."""
+    for phase, gap in (("main", -2.0), ("long", -1.0)):
+        folder = tmp_path / "results" / phase
+        folder.mkdir(parents=True)
+        for s in range(3 if phase == "main" else 4):
+            g = [20.0, 30.0, 25.0, 35.0]
+            sw = [x + gap + (0.1 * s if phase == "long" else 0) for x in g]
+            for tag, d in (("gkd", g), ("switch", sw)):
+                (folder / f"{tag}-s{s}.json").write_text(json.dumps(_cell(tag, s, d, d)))
+    assert (
+        ks.main(["aggregate", "--phase", "long", "--results-dir", str(tmp_path / "results")]) == 0
+    )
+    (line,) = [
+        x for x in capsys.readouterr().out.splitlines() if "main phase) | greedy | dolly" in x
+    ]
+    assert line.endswith("| dolly | 3 | +1.10 | [+0.85, +1.35] | 0.003 | held |")
+    assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
+    assert "main phase)" not in capsys.readouterr().out  # the main phase has no other to compare
+
+
 def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
     folder = tmp_path / "results" / "main"
     folder.mkdir(parents=True)
