@@ -1601,6 +1601,10 @@ def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[s
             f"| {n} | {est:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {_p(p if n >= MIN_SEEDS_P else None)} "
             f"| {verdict(n, est, p)} |"
         )
+        other = [(w, length_contrast(cells, best, w)) for _, w in BUCKETS[:-1]]
+        other = [(w, g) for w, g in other if g and w != LONG_REF]
+    else:
+        other = []
     if main and best in main and PRIMARY in main:
         here, there = margin_cells(cells, best), margin_cells(main, best)
         for b in BENCHES:
@@ -1615,6 +1619,17 @@ def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[s
                 f"| {len(seeds)} | {est:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {_p(p)} "
                 f"| {verdict(len(seeds), est, p)} |"
             )
+    if other:
+        out += [
+            "",
+            "(b) split at the length table's other boundaries (not the test; shown so that "
+            "the split is not picked after the fact): "
+            + "; ".join(
+                f"over {w} words {g[2]:+.2f} [{g[3]:+.2f}, {g[4]:+.2f}], p {_p(g[5])}"
+                for w, g in other
+            )
+            + ".",
+        ]
     out += [
         "",
         "(c) (an exponential threshold beats constant and linear ones) and (d) (gains grow with "

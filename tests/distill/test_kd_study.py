@@ -156,6 +156,8 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     # the same margin (+2 Dolly, +1 Self-Instruct) on short and long references: no growth
     (line,) = [x for x in text.splitlines() if x.startswith("| (b)")]
     assert line.endswith("| both pooled | 3 | -0.00 | [-1.00, +1.00] | 1.000 | not established |")
+    (other,) = [x for x in text.splitlines() if x.startswith("(b) split at")]
+    assert "over 16 words" in other and "over 128 words" in other and "over 64" not in other
     body = doc.read_text()
     assert body.startswith("x\n") and body.endswith("y\n") and "STALE-BLOCK" not in body
     assert "![every cell, and SWITCH − gkd by reference length](kd_study_main.png)" in body
