@@ -832,14 +832,24 @@ def stop_prob(args) -> int:
     return 0
 
 
-def grid_cells(phase: str, seeds: int) -> list[tuple[str, int]]:
+def long_seeds(main: Cells, best: str, here: str, n: int) -> list[int]:
+    """The long phase's ``n`` seeds on machine type ``here``: first those for which the main
+    phase has both SWITCH and ``best`` on this type (so that claim (b) can set SWITCH's long
+    margin against its main one seed by seed, within one type), in seed order, then the lowest
+    other seeds."""
+    both = sorted(s for s, m in main.get(PRIMARY, {}) if m == here and (s, m) in main.get(best, {}))
+    return (both + [s for s in range(n + len(both)) if s not in both])[:n]
+
+
+def grid_cells(phase: str, seeds: int, order: list[int] | None = None) -> list[tuple[str, int]]:
     """Cells in the order they run: the warm-up; seed 0 of every arm (the first SWITCH cell
     made its student worse than the warm-up: whether every arm does is the first question);
     the pilot (SWITCH's and GKD's seeds 1-2: with seed 0 they measure the noise); the other
     arms' seeds 1-2; then seed by seed up to ``seeds``; the teacher last (a reference, not a
-    comparison)."""
+    comparison). The long phase: SWITCH and the best baseline for the seeds ``order`` lists
+    (``long_seeds``; 0 to ``seeds`` − 1 without it)."""
     if phase == "long":
-        return [(t, s) for s in range(seeds) for t in ("switch", "best")]
+        return [(t, s) for s in (order or range(seeds)) for t in ("switch", "best")]
     first = [*PILOT, *(t for t in ARMS if t not in PILOT)]
     cells = [("warmup", 0)]
     cells += [(t, 0) for t in first]
@@ -912,11 +922,13 @@ def grid(args) -> int:
     here = this_machine()
     cells = grid_cells(args.phase, args.seeds)
     if any(t == "best" for t, _ in cells):
-        best = best_baseline(load_cells(RESULTS / "main"))
+        main = load_cells(RESULTS / "main")
+        best = best_baseline(main)
         if best is None:
             print("the long phase needs the main phase's GKD and DistiLLM cells first")
             return 2
-        cells = [(best if t == "best" else t, s) for t, s in cells]
+        order = long_seeds(main, best, here, args.seeds)
+        cells = [(best if t == "best" else t, s) for t, s in grid_cells(args.phase, 0, order)]
     folder = RESULTS / args.phase
     todo = grid_plan(cells, load_cells(folder) if folder.is_dir() else {}, here)
     stale = stale_cells(RESULTS / args.phase, args.phase)

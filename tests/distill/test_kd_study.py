@@ -629,6 +629,20 @@ def test_cells_of_one_machine_type_from_different_starts_are_refused(ks, tmp_pat
     assert ks.same_machine({**start, "sha256": "aaaa"}, "avx512", "warmup_start", folder)
 
 
+def test_the_long_phase_takes_the_seeds_the_main_phase_paired_on_this_machine_type(ks):
+    main = {
+        "switch": {(0, "avx2"): {}, (1, "avx512"): {}, (2, "avx512"): {}, (4, "avx512"): {}},
+        "gkd": {(0, "avx2"): {}, (1, "avx2"): {}, (2, "avx512"): {}, (4, "avx512"): {}},
+    }
+    assert ks.long_seeds(main, "gkd", "avx512", 4) == [2, 4, 0, 1]  # s1: GKD on avx2 only
+    assert ks.long_seeds(main, "gkd", "avx2", 4) == [0, 1, 2, 3]
+    assert ks.long_seeds(main, "gkd", "avx512", 1) == [2]
+    assert ks.long_seeds({}, "gkd", "avx512", 2) == [0, 1]
+    cells = ks.grid_cells("long", 0, [2, 4])
+    assert cells == [("switch", 2), ("best", 2), ("switch", 4), ("best", 4)]
+    assert ks.grid_cells("long", 2) == [("switch", 0), ("best", 0), ("switch", 1), ("best", 1)]
+
+
 def test_the_grid_makes_only_the_pairs_no_machine_type_has(ks):
     cells = ks.grid_cells("main", 3)
     have = {
