@@ -1618,6 +1618,8 @@ def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[s
     else:
         other = []
     if main and best in main and PRIMARY in main:
+        both = {f"{t} here": cells[t] for t in (PRIMARY, best)}
+        check_rows({**both, **{f"{t} main": main[t] for t in (PRIMARY, best)}}, Path("."), ())
         here, there = margin_cells(cells, best), margin_cells(main, best)
         for b in BENCHES:
             seeds, x, y = paired_rows(here, there, b)

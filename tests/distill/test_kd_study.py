@@ -206,6 +206,12 @@ def test_the_long_phase_compares_switchs_margin_with_the_main_phases(ks, tmp_pat
     assert line.endswith("| dolly | 3 | +1.10 | [+0.85, +1.35] | 0.003 | held |")
     assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
     assert "main phase)" not in capsys.readouterr().out  # the main phase has no other to compare
+    for phase, order in (("long", (0, 1, 2, 3)), ("main", (3, 2, 1, 0))):
+        c = _cell("gkd", 0, [20.0] * 4, [20.0] * 4)
+        c["eval"]["dolly"]["rows"] = [f"dolly/valid.jsonl:{i}" for i in order]
+        (tmp_path / "results" / phase / "gkd-s0.json").write_text(json.dumps(c))
+    with pytest.raises(SystemExit, match="rows differ"):  # another order: margins cannot pair
+        ks.main(["aggregate", "--phase", "long", "--results-dir", str(tmp_path / "results")])
 
 
 def test_noise_from_one_arm_sizes_the_study(ks, tmp_path, capsys):
