@@ -832,13 +832,24 @@ def stop_prob(args) -> int:
     return 0
 
 
-def long_seeds(main: Cells, best: str, here: str, n: int) -> list[int]:
-    """The long phase's ``n`` seeds on machine type ``here``: first those for which the main
-    phase has both SWITCH and ``best`` on this type (so that claim (b) can set SWITCH's long
-    margin against its main one seed by seed, within one type), in seed order, then the lowest
-    other seeds."""
-    both = sorted(s for s, m in main.get(PRIMARY, {}) if m == here and (s, m) in main.get(best, {}))
-    return (both + [s for s in range(n + len(both)) if s not in both])[:n]
+def _pairs(cells: Cells, best: str, machine: str | None = None) -> set[int]:
+    """Seeds with both SWITCH and ``best`` on one machine type (``machine``, or any)."""
+    return {
+        s
+        for s, m in cells.get(PRIMARY, {})
+        if (machine is None or m == machine) and (s, m) in cells.get(best, {})
+    }
+
+
+def long_seeds(main: Cells, long: Cells, best: str, here: str, n: int) -> list[int]:
+    """The seeds the long phase makes on machine type ``here``: those (up to ``n``) for which
+    the main phase has SWITCH and ``best`` on this type, whatever other types made (claim
+    (b)'s long-against-main margin pairs within one type only), then, while the long phase
+    has fewer than ``n`` seeds paired on some type, the lowest seeds it has nowhere."""
+    mine = sorted(_pairs(main, best, here))[:n]
+    have = _pairs(long, best) | set(mine)
+    fill = [s for s in range(n + len(have)) if s not in have][: max(0, n - len(have))]
+    return mine + fill
 
 
 def grid_cells(phase: str, seeds: int, order: list[int] | None = None) -> list[tuple[str, int]]:
@@ -920,17 +931,21 @@ def grid(args) -> int:
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     here = this_machine()
-    cells = grid_cells(args.phase, args.seeds)
-    if any(t == "best" for t, _ in cells):
+    folder = RESULTS / args.phase
+    have = load_cells(folder) if folder.is_dir() else {}
+    if args.phase == "long":
         main = load_cells(RESULTS / "main")
         best = best_baseline(main)
         if best is None:
             print("the long phase needs the main phase's GKD and DistiLLM cells first")
             return 2
-        order = long_seeds(main, best, here, args.seeds)
-        cells = [(best if t == "best" else t, s) for t, s in grid_cells(args.phase, 0, order)]
-    folder = RESULTS / args.phase
-    todo = grid_plan(cells, load_cells(folder) if folder.is_dir() else {}, here)
+        order = long_seeds(main, have, best, here, args.seeds)
+        cells = [(best if t == "best" else t, s) for t, s in grid_cells("long", 0, order)]
+        # long_seeds chose for this type: a seed another type made does not pair here
+        todo = [(t, s) for t, s in cells if (s, here) not in have.get(t, {})]
+    else:
+        cells = grid_cells(args.phase, args.seeds)
+        todo = grid_plan(cells, have, here)
     stale = stale_cells(RESULTS / args.phase, args.phase)
     if stale and not args.force:
         print(
@@ -1521,31 +1536,39 @@ LONG_REF = 64  # words: claim (b)'s split, the length table's middle bucket boun
 
 def length_contrast(cells, best: str, split: int = LONG_REF):
     """Claim (b) as one test: SWITCH's margin over ``best`` on references longer than ``split``
-    words minus its margin on the others (both benchmarks' rows pooled, paired by seed and
-    row). Each seed gives one contrast (its mean margin on long rows − on short ones); the
-    interval counts the spread of those over seeds and of the seed-averaged row margins within
-    each group of rows (``_t_interval``). Returns (short rows, long rows, est, low, high, p), or
-    None when a group is empty."""
-    long_d: list[list[float]] = []
-    short_d: list[list[float]] = []
+    words minus its margin on the others, paired by seed and row. The contrast is taken within
+    each benchmark (their margins differ, and their rows are not mixed alike on the two sides)
+    and averaged over the benchmarks weighted by their rows. Each seed gives one contrast; the
+    interval counts the spread of those over seeds and, per benchmark and side, of the
+    seed-averaged row margins (``_t_interval``, each part scaled by its benchmark's weight).
+    Returns (short rows, long rows, est, low, high, p), or None when a side is empty or the
+    arms share no seed."""
+    parts = {}
     for bench in BENCHES:
         seeds, a, b = paired_rows(cells[PRIMARY], cells[best], bench)
         if not seeds:
             return None
         words = next(iter(cells[PRIMARY].values()))["eval"][bench]["ref_words"]
-        for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
-            if len(long_d) <= i:
-                long_d.append([])
-                short_d.append([])
+        sides = [[[], []] for _ in seeds]  # per seed: [long, short] margins
+        for side, ra, rb in zip(sides, a, b, strict=True):
             for x, y, w in zip(ra, rb, words, strict=True):
-                (long_d if w > split else short_d)[i].append(x - y)
-    if not long_d[0] or not short_d[0]:
-        return None
-    per_seed = [statistics.fmean(lg) - statistics.fmean(sh) for lg, sh in zip(long_d, short_d)]
-    long_rows = [statistics.fmean(c) for c in zip(*long_d)]
-    short_rows = [statistics.fmean(c) for c in zip(*short_d)]
+                side[0 if w > split else 1].append(x - y)
+        if not sides[0][0] or not sides[0][1]:
+            return None
+        parts[bench] = (len(words), sides)
+    total = sum(n for n, _ in parts.values())
+    n_seeds = len(next(iter(parts.values()))[1])
+    per_seed = [0.0] * n_seeds
+    samples = []
+    for n, sides in parts.values():
+        w = n / total
+        for i, (lg, sh) in enumerate(sides):
+            per_seed[i] += w * (statistics.fmean(lg) - statistics.fmean(sh))
+        for k in (0, 1):  # the seed-averaged row margins of each side, weighted
+            samples.append([w * statistics.fmean(c) for c in zip(*(sd[k] for sd in sides))])
+    n_long = sum(len(sides[0][0]) for _, sides in parts.values())
     est = statistics.fmean(per_seed)
-    return (len(short_rows), len(long_rows), *_t_interval(est, [per_seed, long_rows, short_rows]))
+    return (total - n_long, n_long, *_t_interval(est, [per_seed, *samples]))
 
 
 def margin_cells(cells, best: str) -> dict:
@@ -1577,62 +1600,63 @@ def verdict(n: int, est: float, p: float | None) -> str:
     return "held" if est > 0 else "contradicted"
 
 
+def _claim_row(claim: str, proto: str, bench: str, n: int, est, lo, hi, p) -> str:
+    ci = f"[{lo:+.2f}, {hi:+.2f}]" + (" rows only" if n == 1 else "")
+    p = p if n >= MIN_SEEDS_P else None
+    return f"| {claim} | {proto} | {bench} | {n} | {est:+.2f} | {ci} | {_p(p)} | {verdict(n, est, p)} |"
+
+
 def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[str]:
     """The SWITCH paper's claims as this study tests them, each with its interval and a verdict
     by a fixed rule (``verdict``); (c) and (d) are outside the grid. ``main``: the main phase's
     cells, when these are another phase's (the long one): (b) then also compares SWITCH's
-    margin over ``best`` here with its margin there, paired by seed and row."""
+    margin over ``best`` here with its margin there, paired by seed and row, per benchmark
+    with Holm over the two."""
     out = [
         "",
         "**The paper's claims as this phase tests them** (ROUGE-L points, paired by seed and "
-        "row as above; a claim is held or contradicted when its p, Holm-adjusted over the two "
-        "benchmarks for (a), is below 0.05 — held when SWITCH's difference is positive — else "
-        "not established):",
+        "row as above; a claim is held or contradicted when its p, Holm-adjusted where the claim "
+        "has a row per benchmark, is below 0.05 — held when SWITCH's difference is positive — "
+        f"else not established; no p or verdict below {MIN_SEEDS_P} shared seeds):",
         "",
         "| claim | protocol | benchmark | seeds | difference | 95% CI | p (Holm) | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    claim_a = f"(a) SWITCH beats the better of GKD and DistiLLM: SWITCH − {best}"
     for proto, cs in (("greedy", cells), ("sampled", sampled)):
         if best not in cs or PRIMARY not in cs:
             continue
         res, adj = comparison_stats(cs, best, [])
         for (_, b), (n, est, lo, hi, _) in res.items():
-            p = adj.get((best, b))
-            out.append(
-                f"| (a) SWITCH beats the better of GKD and DistiLLM: SWITCH − {best} | {proto} "
-                f"| {b} | {n} | {est:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {_p(p)} "
-                f"| {verdict(n, est, p)} |"
-            )
-    got = length_contrast(cells, best)
+            out.append(_claim_row(claim_a, proto, b, n, est, lo, hi, adj.get((best, b))))
+    got = length_contrast(cells, best) if best in cells and PRIMARY in cells else None
+    other = []
     if got:
         n_short, n_long, est, lo, hi, p = got
         n = len(shared_seeds(cells[PRIMARY], cells[best]))
-        out.append(
-            f"| (b) the margin grows with response length: (SWITCH − {best} on references over "
-            f"{LONG_REF} words, {n_long} rows) − (on the other {n_short}) | greedy | both pooled "
-            f"| {n} | {est:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {_p(p if n >= MIN_SEEDS_P else None)} "
-            f"| {verdict(n, est, p)} |"
+        claim = (
+            f"(b) the margin grows with response length: (SWITCH − {best} on references over "
+            f"{LONG_REF} words, {n_long} rows) − (on the other {n_short})"
         )
+        out.append(_claim_row(claim, "greedy", "both, weighted by rows", n, est, lo, hi, p))
         other = [(w, length_contrast(cells, best, w)) for _, w in BUCKETS[:-1]]
         other = [(w, g) for w, g in other if g and w != LONG_REF]
-    else:
-        other = []
     if main and best in main and PRIMARY in main:
         both = {f"{t} here": cells[t] for t in (PRIMARY, best)}
         check_rows({**both, **{f"{t} main": main[t] for t in (PRIMARY, best)}}, Path("."), ())
         here, there = margin_cells(cells, best), margin_cells(main, best)
+        res = {}
         for b in BENCHES:
             seeds, x, y = paired_rows(here, there, b)
-            if not seeds:
-                continue
-            est, lo, hi, p = paired_interval(x, y)
-            p = p if len(seeds) >= MIN_SEEDS_P else None
-            out.append(
-                f"| (b) the margin grows with the training and evaluation length: (SWITCH − "
-                f"{best}, this phase) − (SWITCH − {best}, main phase) | greedy | {b} "
-                f"| {len(seeds)} | {est:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {_p(p)} "
-                f"| {verdict(len(seeds), est, p)} |"
-            )
+            if seeds:
+                res[b] = (len(seeds), *paired_interval(x, y))
+        adj = holm({b: r[4] for b, r in res.items() if r[0] >= MIN_SEEDS_P})
+        claim = (
+            f"(b) the margin grows with the training and evaluation length: (SWITCH − {best}, "
+            f"this phase) − (SWITCH − {best}, main phase)"
+        )
+        for b, (n, est, lo, hi, _) in res.items():
+            out.append(_claim_row(claim, "greedy", b, n, est, lo, hi, adj.get(b)))
     if other:
         out += [
             "",
