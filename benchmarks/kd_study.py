@@ -1603,7 +1603,9 @@ def verdict(n: int, est: float, p: float | None) -> str:
 def _claim_row(claim: str, proto: str, bench: str, n: int, est, lo, hi, p) -> str:
     ci = f"[{lo:+.2f}, {hi:+.2f}]" + (" rows only" if n == 1 else "")
     p = p if n >= MIN_SEEDS_P else None
-    return f"| {claim} | {proto} | {bench} | {n} | {est:+.2f} | {ci} | {_p(p)} | {verdict(n, est, p)} |"
+    # three decimals would hide which side of 0.05 a p in [0.0495, 0.0505) is on
+    shown = f"{p:.4f}" if p is not None and 0.0495 <= p < 0.0505 else _p(p)
+    return f"| {claim} | {proto} | {bench} | {n} | {est:+.2f} | {ci} | {shown} | {verdict(n, est, p)} |"
 
 
 def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[str]:

@@ -186,6 +186,13 @@ def test_claim_b_contrasts_the_margin_on_long_and_short_references(ks):
     assert ks.verdict(4, -1.0, 0.01) == "contradicted"
     assert ks.verdict(4, -1.0, 0.2) == "not established"
     assert ks.verdict(2, 5.0, None).startswith("too few seeds")
+    # a p that rounds to 0.050 shows which side of the line it is on
+    assert ks._claim_row("c", "g", "b", 5, 1.2, 0.0, 2.4, 0.0496).endswith("| 0.0496 | held |")
+    row = ks._claim_row("c", "g", "b", 5, 1.2, -0.01, 2.4, 0.0504)
+    assert row.endswith("| 0.0504 | not established |")
+    assert ks._claim_row("c", "g", "b", 1, 1.2, 0.1, 2.4, 0.01).endswith(
+        "| [+0.10, +2.40] rows only | – | too few seeds (p from 3) |"
+    )
 
 
 def test_the_long_phase_compares_switchs_margin_with_the_main_phases(ks, tmp_path, capsys):
