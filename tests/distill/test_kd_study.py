@@ -152,13 +152,15 @@ def test_aggregate_tables_from_cells(ks, tmp_path, capsys):
     assert (
         "| switch | 3 | unknown ×3 | 20.78 ± 0.03 |" in text
     )  # (0.12+0.22+0.32+0.17)/4 + 0.00025 s
-    assert "SWITCH − gkd | greedy | dolly | 3 | +2.00 | [+2.00, +2.00] | <0.001 | held |" in text
+    assert "− gkd (primary) | greedy | dolly | 3 | +2.00 | [+2.00, +2.00] | <0.001 | held |" in text
+    assert "− distillm | greedy | dolly | 3 | +3.00 | [+3.00, +3.00] | <0.001 | held |" in text
     # the same margin on short and long references of each benchmark (+2 Dolly, +1
     # Self-Instruct): no growth, and the benchmarks' different margins do not leak in
-    (line,) = [x for x in text.splitlines() if x.startswith("| (b)")]
+    (line, _) = [x for x in text.splitlines() if x.startswith("| (b)")]  # GKD, then DistiLLM
+    assert "gkd (primary) on references" in line
     assert "| both, weighted by rows | 3 | " in line and line.endswith("| not established |")
     assert abs(float(line.split(" | ")[-4])) < 0.005  # rounding noise only
-    (other,) = [x for x in text.splitlines() if x.startswith("(b) split at")]
+    (other,) = [x for x in text.splitlines() if x.startswith("(b) against gkd, split at")]
     assert "over 16 words" in other and "over 128 words" in other and "over 64" not in other
     body = doc.read_text()
     assert body.startswith("x\n") and body.endswith("y\n") and "STALE-BLOCK" not in body
@@ -370,8 +372,9 @@ def test_sampled_cells_are_compared_paired_by_seed_and_row(ks, tmp_path):
     assert not any("against the other arms" in x for x in ks._sampled_table(folder))  # no best
     claims = ks._claims({}, "distillm", ks.load_cells(folder))  # no greedy cells: sampled only
     assert [x for x in claims if x.startswith("| (a)")] == [
-        f"| (a) SWITCH beats the better of GKD and DistiLLM: SWITCH − distillm | sampled | {b} "
-        "| 3 | -1.00 | [-1.00, -1.00] | <0.001 | contradicted |"
+        f"| (a) SWITCH beats the better of GKD and DistiLLM: SWITCH − {t} | sampled | {b} "
+        f"| 3 | {d} | [{d}, {d}] | <0.001 | contradicted |"
+        for t, d in (("distillm (primary)", "-1.00"), ("gkd", "-1.50"))
         for b in ks.BENCHES
     ]
     assert not any(x.startswith("| (b)") for x in claims)
