@@ -834,11 +834,8 @@ def stop_prob(args) -> int:
 
 def _pairs(cells: Cells, best: str, machine: str | None = None) -> set[int]:
     """Seeds with both SWITCH and ``best`` on one machine type (``machine``, or any)."""
-    return {
-        s
-        for s, m in cells.get(PRIMARY, {})
-        if (machine is None or m == machine) and (s, m) in cells.get(best, {})
-    }
+    both = set(cells.get(PRIMARY, {})) & set(cells.get(best, {}))
+    return {s for s, m in both if machine in (None, m)}
 
 
 def long_seeds(main: Cells, long: Cells, best: str, here: str, n: int) -> list[int]:
