@@ -832,32 +832,40 @@ def stop_prob(args) -> int:
     return 0
 
 
-def _pairs(cells: Cells, best: str, machine: str | None = None) -> set[int]:
-    """Seeds with both SWITCH and ``best`` on one machine type (``machine``, or any)."""
-    both = set(cells.get(PRIMARY, {})) & set(cells.get(best, {}))
-    return {s for s, m in both if machine in (None, m)}
+def _pairs(cells: Cells, best: str | tuple[str, ...], machine: str | None = None) -> set[int]:
+    """Seeds with SWITCH and ``best`` (every arm of it, when a tuple) on one machine type
+    (``machine``, or any)."""
+    keys = set(cells.get(PRIMARY, {}))
+    for t in (best,) if isinstance(best, str) else best:
+        keys &= set(cells.get(t, {}))
+    return {s for s, m in keys if machine in (None, m)}
 
 
-def long_seeds(main: Cells, long: Cells, best: str, here: str, n: int) -> list[int]:
+def long_seeds(
+    main: Cells, long: Cells, best: str | tuple[str, ...], here: str, n: int
+) -> list[int]:
     """The seeds the long phase makes on machine type ``here``: those (up to ``n``) for which
-    the main phase has SWITCH and ``best`` on this type, whatever other types made (claim
-    (b)'s long-against-main margin pairs within one type only), then, while the long phase
-    has fewer than ``n`` seeds paired on some type, the lowest seeds it has nowhere."""
+    the main phase has SWITCH and ``best`` (all of its arms, when a tuple) on this type,
+    whatever other types made (claim (b)'s long-against-main margin pairs within one type
+    only), then, while the long phase has fewer than ``n`` seeds paired on some type, the
+    lowest seeds it has nowhere."""
     mine = sorted(_pairs(main, best, here))[:n]
     have = _pairs(long, best) | set(mine)
     fill = [s for s in range(n + len(have)) if s not in have][: max(0, n - len(have))]
     return mine + fill
 
 
-def grid_cells(phase: str, seeds: int, order: list[int] | None = None) -> list[tuple[str, int]]:
+def grid_cells(
+    phase: str, seeds: int, order: list[int] | None = None, against: tuple[str, ...] = ("best",)
+) -> list[tuple[str, int]]:
     """Cells in the order they run: the warm-up; seed 0 of every arm (the first SWITCH cell
     made its student worse than the warm-up: whether every arm does is the first question);
     the pilot (SWITCH's and GKD's seeds 1-2: with seed 0 they measure the noise); the other
     arms' seeds 1-2; then seed by seed up to ``seeds``; the teacher last (a reference, not a
-    comparison). The long phase: SWITCH and the best baseline for the seeds ``order`` lists
-    (``long_seeds``; 0 to ``seeds`` − 1 without it)."""
+    comparison). The long phase: SWITCH and the best baseline (or the arms ``against``
+    names) for the seeds ``order`` lists (``long_seeds``; 0 to ``seeds`` − 1 without it)."""
     if phase == "long":
-        return [(t, s) for s in (order or range(seeds)) for t in ("switch", "best")]
+        return [(t, s) for s in (order or range(seeds)) for t in ("switch", *against)]
     first = [*PILOT, *(t for t in ARMS if t not in PILOT)]
     cells = [("warmup", 0)]
     cells += [(t, 0) for t in first]
@@ -936,8 +944,9 @@ def grid(args) -> int:
         if best is None:
             print("the long phase needs the main phase's GKD and DistiLLM cells first")
             return 2
-        order = long_seeds(main, have, best, here, args.seeds)
-        cells = [(best if t == "best" else t, s) for t, s in grid_cells("long", 0, order)]
+        against = (best,) if args.against == "best" else tuple(BASELINES)
+        order = long_seeds(main, have, against, here, args.seeds)
+        cells = grid_cells("long", 0, order, against)
         # long_seeds chose for this type: a seed another type made does not pair here
         todo = [(t, s) for t, s in cells if (s, here) not in have.get(t, {})]
     else:
@@ -1416,6 +1425,10 @@ def aggregate(args) -> int:
             "between such arms do not rank distillation methods.",
         ]
     best = best_baseline(cells)
+    if args.phase != "main" and (folder.parent / "main").is_dir():
+        # the main phase names the comparator: a later phase's own cells must not pick it
+        chosen = best_baseline(load_cells(folder.parent / "main"))
+        best = chosen if chosen in cells else best
     # the noise, and the seeds it takes
     out += _noise_table(cells, best)
     # the comparisons
@@ -1652,10 +1665,12 @@ def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[s
         if t == best:
             other = [(w, length_contrast(cells, best, w)) for _, w in BUCKETS[:-1]]
             other = [(w, g) for w, g in other if g and w != LONG_REF]
-    if main and best in main and PRIMARY in main:
-        both = {f"{t} here": cells[t] for t in (PRIMARY, best)}
-        check_rows({**both, **{f"{t} main": main[t] for t in (PRIMARY, best)}}, Path("."), ())
-        here, there = margin_cells(cells, best), margin_cells(main, best)
+    for t in arms if main and PRIMARY in main and PRIMARY in cells else ():
+        if t not in main or t not in cells:
+            continue
+        both = {f"{a} here": cells[a] for a in (PRIMARY, t)}
+        check_rows({**both, **{f"{a} main": main[a] for a in (PRIMARY, t)}}, Path("."), ())
+        here, there = margin_cells(cells, t), margin_cells(main, t)
         res = {}
         for b in BENCHES:
             seeds, x, y = paired_rows(here, there, b)
@@ -1663,8 +1678,8 @@ def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[s
                 res[b] = (len(seeds), *paired_interval(x, y))
         adj = holm({b: r[4] for b, r in res.items() if r[0] >= MIN_SEEDS_P})
         claim = (
-            f"(b) the margin grows with the training and evaluation length: (SWITCH − {best}, "
-            f"this phase) − (SWITCH − {best}, main phase)"
+            f"(b) the margin grows with the training and evaluation length: (SWITCH − "
+            f"{names[t]}, this phase) − (SWITCH − {t}, main phase)"
         )
         for b, (n, est, lo, hi, _) in res.items():
             out.append(_claim_row(claim, "greedy", b, n, est, lo, hi, adj.get(b)))
@@ -1909,6 +1924,13 @@ def main(argv=None) -> int:
     g.add_argument("--seeds", type=int, default=6, help="training seeds per arm")
     g.add_argument("--dry-run", action="store_true", help="list the cells only")
     g.add_argument("--force", action="store_true", help="run even from a degenerate warm-up")
+    g.add_argument(
+        "--against",
+        choices=["best", "both"],
+        default="best",
+        help="long phase: SWITCH against the main phase's better baseline, or against both "
+        "GKD and DistiLLM on the same seeds",
+    )
     sp = sub.add_parser("sampled", help="score a finished cell's model by the sampled protocol")
     sp.add_argument("--method", required=True, choices=[*ARMS, "teacher", "warmup"])
     sp.add_argument("--seed", type=int, default=0)

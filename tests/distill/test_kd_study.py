@@ -680,6 +680,43 @@ def test_the_long_phase_takes_the_seeds_the_main_phase_paired_on_this_machine_ty
     cells = ks.grid_cells("long", 0, [2, 4])
     assert cells == [("switch", 2), ("best", 2), ("switch", 4), ("best", 4)]
     assert ks.grid_cells("long", 2) == [("switch", 0), ("best", 0), ("switch", 1), ("best", 1)]
+    # against both baselines: the seeds where SWITCH has both partners on this type first
+    main["distillm"] = {(s, "avx512"): {} for s in (3, 4, 5)}
+    assert ks.long_seeds(main, {}, ("gkd", "distillm"), "avx512", 4) == [3, 4, 0, 1]
+    assert ks.grid_cells("long", 0, [3], ("gkd", "distillm")) == [
+        ("switch", 3), ("gkd", 3), ("distillm", 3)
+    ]  # fmt: skip
+
+
+def test_the_long_phase_keeps_the_main_phases_comparator_and_tests_b_against_both(
+    ks, tmp_path, capsys
+):
+    """DistiLLM beats GKD in the main phase and GKD beats DistiLLM in the long one: the long
+    phase's primary comparator stays the main phase's, and claim (b)'s cross-phase row is
+    given against both baselines (SWITCH's margin grows by 2.1 over DistiLLM and shrinks by
+    1.9 over GKD)."""
+    g = [20.0, 30.0, 25.0, 35.0]
+    arms = {
+        "main": {"gkd": 0.0, "distillm": 1.0, "switch": -2.0},
+        "long": {"gkd": 3.0, "distillm": 0.0, "switch": -1.0},
+    }
+    for phase, offsets in arms.items():
+        folder = tmp_path / "results" / phase
+        folder.mkdir(parents=True)
+        for s in range(3):
+            for tag, off in offsets.items():
+                noise = 0.1 * s if (phase, tag) == ("long", "switch") else 0.0
+                d = [x + off + noise for x in g]
+                (folder / f"{tag}-s{s}.json").write_text(json.dumps(_cell(tag, s, d, d)))
+    results = str(tmp_path / "results")
+    assert ks.main(["aggregate", "--phase", "long", "--results-dir", results]) == 0
+    out = capsys.readouterr().out
+    assert "here **distillm**" in out  # not gkd, the long phase's own better baseline
+    rows = [x for x in out.splitlines() if "main phase) | greedy | dolly" in x]
+    (dl,) = [x for x in rows if "SWITCH − distillm (primary), this phase" in x]
+    (gk,) = [x for x in rows if "SWITCH − gkd, this phase" in x]
+    assert dl.endswith("| dolly | 3 | +2.10 | [+1.85, +2.35] | 0.002 | held |")
+    assert "| dolly | 3 | -1.90 |" in gk and gk.endswith("| contradicted |")
 
 
 def test_the_grid_makes_only_the_pairs_no_machine_type_has(ks):
