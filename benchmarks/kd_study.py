@@ -72,6 +72,7 @@ PHASES = {
     },
 }
 PHASES["long"] = {**PHASES["main"], "max_new_tokens": 128, "eval_max_new_tokens": 256}
+SEEDS = {"main": 6, "long": 4}  # training seeds per arm the grid makes (issue 18: >= 6, >= 4)
 BENCHES = {"dolly": DATA / "dolly" / "valid.jsonl", "self-inst": DATA / "self-inst" / "valid.jsonl"}
 # the cells: tag -> (method, config overrides)
 ARMS = {
@@ -945,12 +946,12 @@ def grid(args) -> int:
             print("the long phase needs the main phase's GKD and DistiLLM cells first")
             return 2
         against = (best,) if args.against == "best" else tuple(BASELINES)
-        order = long_seeds(main, have, against, here, args.seeds)
+        order = long_seeds(main, have, against, here, args.seeds or SEEDS["long"])
         cells = grid_cells("long", 0, order, against)
         # long_seeds chose for this type: a seed another type made does not pair here
         todo = [(t, s) for t, s in cells if (s, here) not in have.get(t, {})]
     else:
-        cells = grid_cells(args.phase, args.seeds)
+        cells = grid_cells(args.phase, args.seeds or SEEDS[args.phase])
         todo = grid_plan(cells, have, here)
     stale = stale_cells(RESULTS / args.phase, args.phase)
     if stale and not args.force:
@@ -1921,7 +1922,9 @@ def main(argv=None) -> int:
     d.add_argument("--teacher", action="store_true", help="the tuned teacher too (~15 min)")
     g = sub.add_parser("grid", help="run every missing cell of a phase in turn")
     g.add_argument("--phase", choices=list(PHASES), default="main")
-    g.add_argument("--seeds", type=int, default=6, help="training seeds per arm")
+    g.add_argument(
+        "--seeds", type=int, default=None, help="training seeds per arm (main 6, long 4)"
+    )
     g.add_argument("--dry-run", action="store_true", help="list the cells only")
     g.add_argument("--force", action="store_true", help="run even from a degenerate warm-up")
     g.add_argument(
