@@ -1426,9 +1426,11 @@ def aggregate(args) -> int:
             "between such arms do not rank distillation methods.",
         ]
     best = best_baseline(cells)
-    if args.phase != "main" and (folder.parent / "main").is_dir():
+    main_folder = folder.parent / "main"
+    main = load_cells(main_folder) if args.phase != "main" and main_folder.is_dir() else None
+    if main is not None:
         # the main phase names the comparator: a later phase's own cells must not pick it
-        chosen = best_baseline(load_cells(folder.parent / "main"))
+        chosen = best_baseline(main)
         best = chosen if chosen in cells else best
     # the noise, and the seeds it takes
     out += _noise_table(cells, best)
@@ -1444,12 +1446,8 @@ def aggregate(args) -> int:
     sampled_folder = folder.parent / f"{args.phase}-sampled"
     out += _sampled_table(sampled_folder, best)
     if PRIMARY in cells and best:
-        main = folder.parent / "main"
         out += _claims(
-            cells,
-            best,
-            load_cells(sampled_folder) if sampled_folder.is_dir() else {},
-            load_cells(main) if args.phase != "main" and main.is_dir() else None,
+            cells, best, load_cells(sampled_folder) if sampled_folder.is_dir() else {}, main
         )
     if args.doc:
         plot = Path(args.doc).parent / f"kd_study_{args.phase}.png"
