@@ -1617,6 +1617,16 @@ def _claim_row(claim: str, proto: str, bench: str, n: int, est, lo, hi, p) -> st
     return f"| {claim} | {proto} | {bench} | {n} | {est:+.2f} | {ci} | {shown} | {verdict(n, est, p)} |"
 
 
+def _split_text(words: int, contrast: tuple, seeds: int) -> str:
+    """Claim (b) at another split (``length_contrast``'s result), under ``_claim_row``'s rules:
+    the interval marked when one seed leaves it the rows' spread only, p from ``MIN_SEEDS_P``
+    shared seeds on."""
+    est, lo, hi, p = contrast[2:]
+    text = f"over {words} words {est:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    text += " rows only" if seeds == 1 else ""
+    return text + (f", p {_p(p)}" if seeds >= MIN_SEEDS_P else "")
+
+
 def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[str]:
     """The SWITCH paper's claims as this study tests them, each with its interval and a verdict
     by a fixed rule (``verdict``); (c) and (d) are outside the grid. ``main``: the main phase's
@@ -1664,6 +1674,7 @@ def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[s
         if t == best:
             other = [(w, length_contrast(cells, best, w)) for _, w in BUCKETS[:-1]]
             other = [(w, g) for w, g in other if g and w != LONG_REF]
+            other_seeds = n
     for t in arms if main and PRIMARY in main and PRIMARY in cells else ():
         if t not in main or t not in cells:
             continue
@@ -1687,10 +1698,7 @@ def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[s
             "",
             f"(b) against {best}, split at the length table's other boundaries (not the test; "
             "shown so that the split is not picked after the fact): "
-            + "; ".join(
-                f"over {w} words {g[2]:+.2f} [{g[3]:+.2f}, {g[4]:+.2f}], p {_p(g[5])}"
-                for w, g in other
-            )
+            + "; ".join(_split_text(w, g, other_seeds) for w, g in other)
             + ".",
         ]
     out += [

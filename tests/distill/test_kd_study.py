@@ -195,6 +195,11 @@ def test_claim_b_contrasts_the_margin_on_long_and_short_references(ks):
     assert ks._claim_row("c", "g", "b", 1, 1.2, 0.1, 2.4, 0.01).endswith(
         "| [+0.10, +2.40] rows only | – | too few seeds (p from 3) |"
     )
+    # the other splits' line follows the same rules: no p below three seeds
+    got = (10, 20, -2.09, -3.73, -0.45, 0.013)
+    assert ks._split_text(128, got, 1) == "over 128 words -2.09 [-3.73, -0.45] rows only"
+    assert ks._split_text(128, got, 2) == "over 128 words -2.09 [-3.73, -0.45]"
+    assert ks._split_text(128, got, 3) == "over 128 words -2.09 [-3.73, -0.45], p 0.013"
 
 
 def test_the_long_phase_compares_switchs_margin_with_the_main_phases(ks, tmp_path, capsys):
