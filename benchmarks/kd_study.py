@@ -1252,15 +1252,13 @@ def detectable(sd: float, n: int) -> float:
     return _power_t(n) * sd / math.sqrt(n)
 
 
-PLANNED_SEEDS = 6  # the issue's main phase: at least six seeds per arm
-
-
-def _noise_table(cells, best: str | None) -> list[str]:
+def _noise_table(cells, best: str | None, planned: int = SEEDS["main"]) -> list[str]:
     """The seed noise of the primary metric and the seeds a comparison needs. Planned by the
     largest estimate of the sd of a per-seed difference: √2 × SWITCH's seed sd (arms
     uncorrelated; pooled within machine types) and, once SWITCH shares three seeds with it, the
     sd of the paired difference with GKD (the pilot's arm) and with the primary comparator
-    (two shared seeds give it one degree of freedom, too few to plan by)."""
+    (two shared seeds give it one degree of freedom, too few to plan by). ``planned``: the
+    seeds per arm the phase makes, for the smallest difference they detect."""
     arms = ["gkd"] + ([best] if best and best != "gkd" else [])
     out = [
         "",
@@ -1269,7 +1267,7 @@ def _noise_table(cells, best: str | None) -> list[str]:
         + " and of SWITCH − ".join(arms)
         + " over their shared seeds, each difference taken within one machine type; the planned "
         "sd is the largest of these from three shared seeds on; the last column is the smallest "
-        f"difference {PLANNED_SEEDS} seeds detect at 80% power with it):",
+        f"difference {planned} seeds detect at 80% power with it):",
         "",
     ]
     sw = cells.get(PRIMARY, {})
@@ -1281,7 +1279,7 @@ def _noise_table(cells, best: str | None) -> list[str]:
         "| benchmark | SWITCH cells (df) | sd of SWITCH | √2 × that | "
         + " | ".join(heads)
         + " | planned sd | seeds for 80% power at Δ = 0.4 / 0.7 / 1.0 "
-        f"| Δ that {PLANNED_SEEDS} seeds detect |",
+        f"| Δ that {planned} seeds detect |",
         "|---|---|---|---|" + "---|---|" * len(arms) + "---|---|---|",
     ]
     for b in BENCHES:
@@ -1298,7 +1296,7 @@ def _noise_table(cells, best: str | None) -> list[str]:
         out.append(
             f"| {b} | {len(sw)} ({df}) | {sd:.2f} | {math.sqrt(2) * sd:.2f} | "
             + " | ".join(cols)
-            + f" | {plan:.2f} | {need} | {detectable(plan, PLANNED_SEEDS):.2f} |"
+            + f" | {plan:.2f} | {need} | {detectable(plan, planned):.2f} |"
         )
     shared = common.get(best, {}) if best else {}  # best is one of ``arms``
     if shared:
@@ -1433,7 +1431,7 @@ def aggregate(args) -> int:
         chosen = best_baseline(main)
         best = chosen if chosen in cells else best
     # the noise, and the seeds it takes
-    out += _noise_table(cells, best)
+    out += _noise_table(cells, best, SEEDS[args.phase])
     # the comparisons
     margins: list = []
     if PRIMARY in cells and best:

@@ -221,12 +221,14 @@ def test_the_long_phase_compares_switchs_margin_with_the_main_phases(ks, tmp_pat
     assert (
         ks.main(["aggregate", "--phase", "long", "--results-dir", str(tmp_path / "results")]) == 0
     )
-    (line,) = [
-        x for x in capsys.readouterr().out.splitlines() if "main phase) | greedy | dolly" in x
-    ]
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if "main phase) | greedy | dolly" in x]
     assert line.endswith("| dolly | 3 | +1.10 | [+0.85, +1.35] | 0.005 | held |")
+    assert "difference 4 seeds detect" in out  # the long phase plans four seeds, not six
     assert ks.main(["aggregate", "--results-dir", str(tmp_path / "results")]) == 0
-    assert "main phase)" not in capsys.readouterr().out  # the main phase has no other to compare
+    out = capsys.readouterr().out
+    assert "main phase)" not in out  # the main phase has no other to compare
+    assert "difference 6 seeds detect" in out
     for phase, order in (("long", (0, 1, 2, 3)), ("main", (3, 2, 1, 0))):
         c = _cell("gkd", 0, [20.0] * 4, [20.0] * 4)
         c["eval"]["dolly"]["rows"] = [f"dolly/valid.jsonl:{i}" for i in order]
