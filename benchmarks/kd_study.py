@@ -1657,7 +1657,7 @@ def _claims(cells, best: str, sampled: dict, main: dict | None = None) -> list[s
                 if (t, b) in res:
                     n, est, lo, hi, _ = res[(t, b)]
                     out.append(_claim_row(claim, proto, b, n, est, lo, hi, adj.get((t, b))))
-    other = []
+    other, other_seeds = [], 0
     for t in arms:
         got = length_contrast(cells, t) if t in cells and PRIMARY in cells else None
         if not got:
