@@ -1252,7 +1252,7 @@ def detectable(sd: float, n: int) -> float:
     return _power_t(n) * sd / math.sqrt(n)
 
 
-def _noise_table(cells, best: str | None, planned: int = SEEDS["main"]) -> list[str]:
+def _noise_table(cells, best: str | None, planned: int) -> list[str]:
     """The seed noise of the primary metric and the seeds a comparison needs. Planned by the
     largest estimate of the sd of a per-seed difference: √2 × SWITCH's seed sd (arms
     uncorrelated; pooled within machine types) and, once SWITCH shares three seeds with it, the
@@ -1340,7 +1340,7 @@ def _comparison_rows(res: dict, adj: dict, best: str) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for (t, b), (n, est, lo, hi, p) in res.items():
-        ci = f"[{lo:+.2f}, {hi:+.2f}]" + (" rows only" if n == 1 else "")
+        ci = _ci(n, lo, hi)
         out.append(
             f"| {t}{' (primary)' if t == best else ''} | {b} | {n} | {est:+.2f} | {ci} | "
             f"{_p(p if n >= MIN_SEEDS_P else None)} | {_p(adj.get((t, b)))} |"
@@ -1607,8 +1607,14 @@ def verdict(n: int, est: float, p: float | None) -> str:
     return "held" if est > 0 else "contradicted"
 
 
+def _ci(n: int, lo: float, hi: float) -> str:
+    """A 95% interval over ``n`` shared seeds, marked when one seed leaves it the rows' spread
+    only (``paired_interval``)."""
+    return f"[{lo:+.2f}, {hi:+.2f}]" + (" rows only" if n == 1 else "")
+
+
 def _claim_row(claim: str, proto: str, bench: str, n: int, est, lo, hi, p) -> str:
-    ci = f"[{lo:+.2f}, {hi:+.2f}]" + (" rows only" if n == 1 else "")
+    ci = _ci(n, lo, hi)
     p = p if n >= MIN_SEEDS_P else None
     # three decimals would hide which side of 0.05 a p in [0.0495, 0.0505) is on
     shown = f"{p:.4f}" if p is not None and 0.0495 <= p < 0.0505 else _p(p)
@@ -1620,8 +1626,7 @@ def _split_text(words: int, contrast: tuple, seeds: int) -> str:
     the interval marked when one seed leaves it the rows' spread only, p from ``MIN_SEEDS_P``
     shared seeds on."""
     est, lo, hi, p = contrast[2:]
-    text = f"over {words} words {est:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-    text += " rows only" if seeds == 1 else ""
+    text = f"over {words} words {est:+.2f} {_ci(seeds, lo, hi)}"
     return text + (f", p {_p(p)}" if seeds >= MIN_SEEDS_P else "")
 
 
