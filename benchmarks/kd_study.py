@@ -845,15 +845,39 @@ def _pairs(cells: Cells, best: str | tuple[str, ...], machine: str | None = None
 def long_seeds(
     main: Cells, long: Cells, best: str | tuple[str, ...], here: str, n: int
 ) -> list[int]:
-    """The seeds the long phase makes on machine type ``here``: those (up to ``n``) for which
-    the main phase has SWITCH and ``best`` (all of its arms, when a tuple) on this type,
-    whatever other types made (claim (b)'s long-against-main margin pairs within one type
-    only), then, while the long phase has fewer than ``n`` seeds paired on some type, the
-    lowest seeds it has nowhere."""
-    mine = sorted(_pairs(main, best, here))[:n]
-    have = _pairs(long, best) | set(mine)
-    fill = [s for s in range(n + len(have)) if s not in have][: max(0, n - len(have))]
-    return mine + fill
+    """The seeds the long phase makes on machine type ``here``: first those it has begun here (a
+    long cell of some arm but not of every arm), so a started pair is finished; then, while the
+    long phase has fewer than ``n`` seeds paired on some type, the seeds the main phase paired
+    with SWITCH and ``best`` (all of its arms, when a tuple) on this type, whose partners for
+    claim (b)'s long-against-main margin (it pairs within one type only) exist already; then the
+    lowest seeds the long phase has nowhere (``main_partners`` makes their main-phase cells)."""
+    arms = (PRIMARY, *((best,) if isinstance(best, str) else best))
+    begun = {s for t in arms for s, m in long.get(t, {}) if m == here} - _pairs(long, best, here)
+    have = _pairs(long, best) | begun
+    mine = [s for s in sorted(_pairs(main, best, here)) if s not in have]
+    fill = [s for s in range(n + len(have) + len(mine)) if s not in have and s not in mine]
+    return sorted(begun) + (mine + fill)[: max(0, n - len(have))]
+
+
+def main_partners(
+    main: Cells, long: Cells, best: str | tuple[str, ...], here: str, n: int
+) -> list[tuple[str, int]]:
+    """The main-phase cells machine type ``here`` makes so that claim (b)'s long-against-main
+    margin has ``n`` seeds: while fewer than ``n`` seeds are paired across the phases on one type
+    (SWITCH and every arm of ``best`` in both phases), the seeds the long phase paired on this
+    type, lowest first, get their missing main-phase cells here. A main-phase cell costs about
+    half a long one, so a long seed without partners gets them rather than another long seed
+    being made where the main phase has them."""
+    arms = (PRIMARY, *((best,) if isinstance(best, str) else best))
+    types = {m for cs in (*main.values(), *long.values()) for _, m in cs}
+    cross = {s for m in types for s in _pairs(long, best, m) & _pairs(main, best, m)}
+    out = []
+    for s in sorted(_pairs(long, best, here) - cross):
+        if len(cross) >= n:
+            break
+        out += [(t, s) for t in arms if (s, here) not in main.get(t, {})]
+        cross.add(s)
+    return out
 
 
 def grid_cells(
@@ -946,14 +970,24 @@ def grid(args) -> int:
             print("the long phase needs the main phase's GKD and DistiLLM cells first")
             return 2
         against = (best,) if args.against == "best" else tuple(BASELINES)
-        order = long_seeds(main, have, against, here, args.seeds or SEEDS["long"])
-        cells = grid_cells("long", 0, order, against)
+        n = args.seeds or SEEDS["long"]
+        order = long_seeds(main, have, against, here, n)
+        made = grid_cells("long", 0, order, against)
         # long_seeds chose for this type: a seed another type made does not pair here
-        todo = [(t, s) for t, s in cells if (s, here) not in have.get(t, {})]
+        todo = [(t, s) for t, s in made if (s, here) not in have.get(t, {})]
+        after = {t: {**cs} for t, cs in have.items()}
+        for t, s in todo:
+            after.setdefault(t, {})[(s, here)] = {}
+        cells = [("long", t, s) for t, s in made]
+        cells += [("main", t, s) for t, s in main_partners(main, after, against, here, n)]
+        todo = [("long", t, s) for t, s in todo] + [c for c in cells if c[0] == "main"]
     else:
-        cells = grid_cells(args.phase, args.seeds or SEEDS[args.phase])
-        todo = grid_plan(cells, have, here)
-    stale = stale_cells(RESULTS / args.phase, args.phase)
+        cells = [
+            (args.phase, t, s) for t, s in grid_cells(args.phase, args.seeds or SEEDS[args.phase])
+        ]
+        todo = [(args.phase, t, s) for t, s in grid_plan([c[1:] for c in cells], have, here)]
+    phases = [args.phase] + (["main"] if any(c[0] != args.phase for c in todo) else [])
+    stale = [c for ph in phases for c in stale_cells(RESULTS / ph, ph)]
     if stale and not args.force:
         print(
             "refused: these cells were made under another protocol (warm-up recipe, rows, "
@@ -975,21 +1009,28 @@ def grid(args) -> int:
     if not args.force and degenerate_start(here):
         return 2
     print(f"this machine: {here}; {len(todo)} of the grid's {len(cells)} cells to make here")
-    for i, (tag, seed) in enumerate(cells, 1):
-        done = cell_path(RESULTS, args.phase, tag, seed, here).exists()
-        state = "done here" if done else ("to make" if (tag, seed) in todo else "not needed here")
-        print(f"[{i}/{len(cells)}] {tag} s{seed} ({state})", flush=True)
-        if args.dry_run or (tag, seed) not in todo:
+    for i, (phase, tag, seed) in enumerate(cells, 1):
+        done = cell_path(RESULTS, phase, tag, seed, here).exists()
+        state = (
+            "done here"
+            if done
+            else ("to make" if (phase, tag, seed) in todo else "not needed here")
+        )
+        what = f"{tag} s{seed}" + (
+            f" ({phase} phase: claim (b)'s partner)" if phase != args.phase else ""
+        )
+        print(f"[{i}/{len(cells)}] {what} ({state})", flush=True)
+        if args.dry_run or (phase, tag, seed) not in todo:
             continue
         if tag not in ("warmup", "teacher") and not args.force and degenerate_start(here):
             return 2  # the warm-up cell this run just made failed the check
-        with open(logs / f"{args.phase}-{tag}-s{seed}.log", "w") as log:
+        with open(logs / f"{phase}-{tag}-s{seed}.log", "w") as log:
             rc = subprocess.call(
-                cell_command(args.phase, tag, seed), stdout=log, stderr=subprocess.STDOUT
+                cell_command(phase, tag, seed), stdout=log, stderr=subprocess.STDOUT
             )
         if rc:
-            failed.append(f"{tag} s{seed}")
-            print(f"  failed (exit {rc}), log: {logs}/{args.phase}-{tag}-s{seed}.log", flush=True)
+            failed.append(f"{phase} {tag} s{seed}")
+            print(f"  failed (exit {rc}), log: {logs}/{phase}-{tag}-s{seed}.log", flush=True)
     if failed:
         print(f"{len(failed)} cells failed:", *failed, sep="\n  ")
     return 1 if failed else 0

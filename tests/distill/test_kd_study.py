@@ -676,12 +676,25 @@ def test_the_long_phase_takes_the_seeds_the_main_phase_paired_on_this_machine_ty
     # AVX512 first: its three pairs, then one seed no type has
     assert ks.long_seeds(main, {}, "gkd", "avx512", 4) == [2, 3, 4, 0]
     made = {t: {(s, "avx512"): {} for s in (2, 3, 4, 0)} for t in ("switch", "gkd")}
-    # then AVX2 makes its own pairs, seed 0 too (on AVX512 it has no main-phase partner)
-    assert ks.long_seeds(main, made, "gkd", "avx2", 4) == [0, 1]
-    # AVX2 first: its two pairs and two fillers; AVX512 then makes its own three all the same
+    # four long seeds paired: AVX2 makes no long cell; seed 0's main-phase partners are made
+    # on AVX512, where its long pair is (two main cells, not two more long ones on AVX2)
+    assert ks.long_seeds(main, made, "gkd", "avx2", 4) == []
+    assert ks.main_partners(main, made, "gkd", "avx2", 4) == []
+    assert ks.main_partners(main, made, "gkd", "avx512", 4) == [("switch", 0), ("gkd", 0)]
+    assert ks.main_partners(main, made, "gkd", "avx512", 3) == []  # three cross pairs: enough
+    # AVX2 first: its two pairs and two fillers, whose partners it makes too; AVX512 then
+    # makes nothing
     assert ks.long_seeds(main, {}, "gkd", "avx2", 4) == [0, 1, 2, 3]
     made = {t: {(s, "avx2"): {} for s in (0, 1, 2, 3)} for t in ("switch", "gkd")}
-    assert ks.long_seeds(main, made, "gkd", "avx512", 4) == [2, 3, 4]
+    assert ks.long_seeds(main, made, "gkd", "avx512", 4) == []
+    assert ks.main_partners(main, made, "gkd", "avx2", 4) == [
+        ("switch", 2), ("gkd", 2), ("switch", 3), ("gkd", 3)
+    ]  # fmt: skip
+    assert ks.main_partners(main, made, "gkd", "avx512", 4) == []
+    # a pair begun here is finished first, before the phase counts as short of seeds
+    made["gkd"].pop((3, "avx2"))
+    assert ks.long_seeds(main, made, "gkd", "avx2", 4) == [3]
+    assert ks.long_seeds(main, made, "gkd", "avx2", 3) == [3]
     assert ks.long_seeds(main, {}, "gkd", "avx512", 2) == [2, 3]
     assert ks.long_seeds({}, {}, "gkd", "avx512", 2) == [0, 1]
     cells = ks.grid_cells("long", 0, [2, 4])
@@ -693,6 +706,43 @@ def test_the_long_phase_takes_the_seeds_the_main_phase_paired_on_this_machine_ty
     assert ks.grid_cells("long", 0, [3], ("gkd", "distillm")) == [
         ("switch", 3), ("gkd", 3), ("distillm", 3)
     ]  # fmt: skip
+
+
+def test_the_long_grid_makes_the_main_phase_partners_of_its_long_seeds(ks, tmp_path, capsys):
+    """This type's main phase pairs SWITCH with both baselines on seed 0; the long phase has a
+    filler pair on seed 1. With two seeds asked for, the grid makes the long seed 0 (its main
+    partners exist) and seed 1's three main-phase cells, so both seeds pair across phases."""
+    here = ks.this_machine()
+    main, long = (tmp_path / "results" / ph for ph in ("main", "long"))
+    main.mkdir(parents=True)
+    long.mkdir()
+    warm = _on(here, _cell("warmup", 0, [1.0] * 4, [1.0] * 4))
+    warm["protocol"] = ks.protocol("main", "warmup")
+    for e in warm["eval"].values():
+        e["repeat_share"] = [0.0] * 4  # a start that does not loop
+    (main / f"warmup-s0-{here}.json").write_text(json.dumps(warm))
+    for tag in ("switch", "gkd", "distillm"):
+        c = _on(here, _cell(tag, 0, [1.0] * 4, [1.0] * 4))
+        c["protocol"] = ks.protocol("main", tag)
+        (main / f"{tag}-s0-{here}.json").write_text(json.dumps(c))
+        c = _on(here, _cell(tag, 1, [1.0] * 4, [1.0] * 4))
+        c["protocol"] = ks.protocol("long", tag)
+        (long / f"{tag}-s1-{here}.json").write_text(json.dumps(c))
+    argv = ["grid", "--phase", "long", "--seeds", "2", "--against", "both", "--dry-run"]
+    assert ks.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"this machine: {here}; 6 of the grid's 6 cells to make here" in out
+    assert "[1/6] switch s0 (to make)" in out and "[3/6] distillm s0 (to make)" in out
+    assert "[4/6] switch s1 (main phase: claim (b)'s partner) (to make)" in out
+    assert "[6/6] distillm s1 (main phase: claim (b)'s partner) (to make)" in out
+    for tag in ("switch", "gkd", "distillm"):  # once they exist, nothing is left to make
+        for ph, folder in (("long", long), ("main", main)):
+            s = 0 if ph == "long" else 1
+            c = _on(here, _cell(tag, s, [1.0] * 4, [1.0] * 4))
+            c["protocol"] = ks.protocol(ph, tag)
+            (folder / f"{tag}-s{s}-{here}.json").write_text(json.dumps(c))
+    assert ks.main(argv) == 0
+    assert f"this machine: {here}; 0 of the grid's 0 cells to make here" in capsys.readouterr().out
 
 
 def test_the_long_phase_keeps_the_main_phases_comparator_and_tests_b_against_both(
