@@ -267,9 +267,9 @@ def built_from(folder: Path) -> dict:
     }
 
 
-def same_machine(start: dict, here: str, kind: str, folder: Path) -> dict:
+def same_machine(start: dict, here: str, kind: str, *folders: Path) -> dict:
     """``start`` (``built_from``), refused when it was trained on another machine type than
-    this one (a cell is made end to end on one machine type), or when the cells in ``folder``
+    this one (a cell is made end to end on one machine type), or when the cells in ``folders``
     made on this type started from other weights (this type does not reproduce the start:
     found before training, not by ``aggregate`` afterwards)."""
     made = str(start["cpu_capability"] or "unknown").lower()
@@ -279,7 +279,10 @@ def same_machine(start: dict, here: str, kind: str, folder: Path) -> dict:
             "are made end to end on one machine type. Move the folder aside (or pass another "
             "--work-dir) so that it is rebuilt here"
         )
-    for theirs, p in recorded_digests(folder, here, kind).items():
+    recorded = {}
+    for folder in folders:
+        recorded = {**recorded_digests(folder, here, kind), **recorded}
+    for theirs, p in recorded.items():
         if theirs != start["sha256"]:
             raise SystemExit(
                 f"{start['folder']} here has weights {start['sha256']}, but {p} (also {here}) "
@@ -525,6 +528,7 @@ def cell(args) -> int:
     tag = args.method
     here = this_machine()
     path = cell_path(results, args.phase, tag, args.seed, here)
+    phase_dirs = [results / ph for ph in PHASES]  # a type's start is one across the phases
     if path.exists():
         print(f"skip: {path} exists")
         return 0
@@ -536,12 +540,12 @@ def cell(args) -> int:
     result: dict = {}
     if uses_teacher(tag):
         got = built_from(work / teacher_name() / "student")
-        result["teacher_start"] = same_machine(got, here, "teacher_start", path.parent)
+        result["teacher_start"] = same_machine(got, here, "teacher_start", *phase_dirs)
     if tag == "teacher":
         result["eval"] = evaluate(teacher, tok, phase)
     else:
         start = warmup(base, tok, files, work)
-        result["warmup_start"] = same_machine(built_from(start), here, "warmup_start", path.parent)
+        result["warmup_start"] = same_machine(built_from(start), here, "warmup_start", *phase_dirs)
         student = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
         if tag != "warmup":
             values = train_config(tag, args.seed, args.phase, files, work=work)
@@ -567,6 +571,7 @@ def cell(args) -> int:
         teacher_folder=teacher_name() if uses_teacher(tag) else None,
         wall_time_s=time.perf_counter() - t0,
         commit=commit,
+        partner=bool(getattr(args, "partner", False)),
         hardware=hardware(),
         cpu_model=cpu_model(),
     )
@@ -846,14 +851,18 @@ def long_seeds(
     main: Cells, long: Cells, best: str | tuple[str, ...], here: str, n: int
 ) -> list[int]:
     """The seeds the long phase makes on machine type ``here``: first those it has begun here (a
-    long cell of some arm but not of every arm), so a started pair is finished; then, while the
-    long phase has fewer than ``n`` seeds paired on some type, the seeds the main phase paired
-    with SWITCH and ``best`` (all of its arms, when a tuple) on this type, whose partners for
-    claim (b)'s long-against-main margin (it pairs within one type only) exist already; then the
-    lowest seeds the long phase has nowhere (``main_partners`` makes their main-phase cells)."""
+    long cell of some arm but not of every arm) and no type has paired, so a started pair is
+    finished; then, while the long phase has fewer than ``n`` seeds paired or begun on some
+    type, the seeds the main phase paired with SWITCH and ``best`` (all of its arms, when a
+    tuple) on this type, whose partners for claim (b)'s long-against-main margin (it pairs
+    within one type only) exist already; then the lowest seeds the long phase has not begun
+    anywhere (``main_partners`` makes their main-phase cells). A seed another type has begun is
+    left to that type: the cells of one seed pair only within one type. The price: a type whose
+    long pairs lack main-phase partners makes them only when it is lent again."""
     arms = (PRIMARY, *((best,) if isinstance(best, str) else best))
-    begun = {s for t in arms for s, m in long.get(t, {}) if m == here} - _pairs(long, best, here)
-    have = _pairs(long, best) | begun
+    started = {(s, m) for t in arms for s, m in long.get(t, {})}
+    begun = {s for s, m in started if m == here} - _pairs(long, best)
+    have = _pairs(long, best) | {s for s, _ in started}
     mine = [s for s in sorted(_pairs(main, best, here)) if s not in have]
     fill = [s for s in range(n + len(have) + len(mine)) if s not in have and s not in mine]
     return sorted(begun) + (mine + fill)[: max(0, n - len(have))]
@@ -1025,8 +1034,9 @@ def grid(args) -> int:
         if tag not in ("warmup", "teacher") and not args.force and degenerate_start(here):
             return 2  # the warm-up cell this run just made failed the check
         with open(logs / f"{phase}-{tag}-s{seed}.log", "w") as log:
+            extra = ["--partner"] if phase != args.phase else []
             rc = subprocess.call(
-                cell_command(phase, tag, seed), stdout=log, stderr=subprocess.STDOUT
+                cell_command(phase, tag, seed, *extra), stdout=log, stderr=subprocess.STDOUT
             )
         if rc:
             failed.append(f"{phase} {tag} s{seed}")
@@ -1218,12 +1228,18 @@ def seeds_needed(sd: float, delta: float) -> int:
 def best_baseline(cells: Cells) -> str | None:
     """The better of GKD and DistiLLM by mean greedy ROUGE-L (the mean over cells of the
     benchmarks' means), on the seeds both have (all of each one's seeds while they share none),
-    so that an arm's extra seeds do not pick the comparator."""
-    have = [t for t in BASELINES if cells.get(t)]
-    shared = set.intersection(*(set(cells[t]) for t in have)) if have else set()
+    so that an arm's extra seeds do not pick the comparator. Cells the long grid made as claim
+    (b)'s main-phase partners (``partner``) are left out: the comparator is chosen by the main
+    phase's own grid, before the long phase starts, and cells added for another test must not
+    re-choose it halfway."""
+    own = {
+        t: {k: c for k, c in cells.get(t, {}).items() if not c.get("partner")} for t in BASELINES
+    }
+    have = [t for t in BASELINES if own[t]]
+    shared = set.intersection(*(set(own[t]) for t in have)) if have else set()
     means = {}
     for t in have:  # (seed, machine type) keys: the cells the two made on one type
-        cs = [c for k, c in cells[t].items() if k in shared or not shared]
+        cs = [c for k, c in own[t].items() if k in shared or not shared]
         means[t] = statistics.fmean(c["eval"][b]["rougeL"] for c in cs for b in BENCHES)
     return max(means, key=means.get) if means else None
 
@@ -1952,6 +1968,12 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--phase", choices=list(PHASES), default="main")
     c.add_argument("--results-dir", default=None, help="write the cell here instead")
+    c.add_argument(
+        "--partner",
+        action="store_true",
+        help="a main-phase cell made for claim (b)'s cross-phase pairing (the long grid passes "
+        "it): recorded, and left out when the main phase's comparator is chosen",
+    )
     c.add_argument(
         "--work-dir",
         default=None,

@@ -609,6 +609,13 @@ def test_the_primary_comparator_is_chosen_on_shared_seeds(ks):
     }
     # GKD's seed 1, and its seed 0 on another machine type, do not count
     assert ks.best_baseline(cells) == "distillm"
+    # a partner cell the long grid made for claim (b) pairs the two on AVX512 but does not
+    # re-choose the comparator (with it, GKD's 40 would win)
+    partner = {**_cell("distillm", 0, [11.0] * 4, [11.0] * 4), "partner": True}
+    cells["distillm"][(0, "avx512")] = partner
+    assert ks.best_baseline(cells) == "distillm"
+    partner["partner"] = False
+    assert ks.best_baseline(cells) == "gkd"
     del cells["distillm"]
     assert ks.best_baseline(cells) == "gkd"
 
@@ -664,6 +671,9 @@ def test_cells_of_one_machine_type_from_different_starts_are_refused(ks, tmp_pat
     with pytest.raises(SystemExit, match="trained on a avx512 machine and this one is avx2"):
         ks.same_machine(start, "avx2", "warmup_start", folder)
     assert ks.same_machine({**start, "sha256": "aaaa"}, "avx512", "warmup_start", folder)
+    empty = tmp_path / "another-phase"  # a phase with no cell of this type yet is checked
+    with pytest.raises(SystemExit, match="started from aaaa"):  # against the other phases'
+        ks.same_machine(start, "avx512", "warmup_start", empty, folder)
 
 
 def test_the_long_phase_takes_the_seeds_the_main_phase_paired_on_this_machine_type(ks):
@@ -691,10 +701,15 @@ def test_the_long_phase_takes_the_seeds_the_main_phase_paired_on_this_machine_ty
         ("switch", 2), ("gkd", 2), ("switch", 3), ("gkd", 3)
     ]  # fmt: skip
     assert ks.main_partners(main, made, "gkd", "avx512", 4) == []
-    # a pair begun here is finished first, before the phase counts as short of seeds
+    # a pair begun here is finished first, before the phase counts as short of seeds; another
+    # type leaves it alone (its cells would not pair with these) and takes no seed for it
     made["gkd"].pop((3, "avx2"))
     assert ks.long_seeds(main, made, "gkd", "avx2", 4) == [3]
     assert ks.long_seeds(main, made, "gkd", "avx2", 3) == [3]
+    assert ks.long_seeds(main, made, "gkd", "avx512", 4) == []
+    assert ks.long_seeds(main, made, "gkd", "avx512", 5) == [4]
+    made["gkd"][(3, "avx512")] = made["switch"][(3, "avx512")] = {}  # paired on the other type
+    assert ks.long_seeds(main, made, "gkd", "avx2", 4) == []  # nothing left to finish here
     assert ks.long_seeds(main, {}, "gkd", "avx512", 2) == [2, 3]
     assert ks.long_seeds({}, {}, "gkd", "avx512", 2) == [0, 1]
     cells = ks.grid_cells("long", 0, [2, 4])
@@ -708,7 +723,9 @@ def test_the_long_phase_takes_the_seeds_the_main_phase_paired_on_this_machine_ty
     ]  # fmt: skip
 
 
-def test_the_long_grid_makes_the_main_phase_partners_of_its_long_seeds(ks, tmp_path, capsys):
+def test_the_long_grid_makes_the_main_phase_partners_of_its_long_seeds(
+    ks, tmp_path, capsys, monkeypatch
+):
     """This type's main phase pairs SWITCH with both baselines on seed 0; the long phase has a
     filler pair on seed 1. With two seeds asked for, the grid makes the long seed 0 (its main
     partners exist) and seed 1's three main-phase cells, so both seeds pair across phases."""
@@ -735,6 +752,13 @@ def test_the_long_grid_makes_the_main_phase_partners_of_its_long_seeds(ks, tmp_p
     assert "[1/6] switch s0 (to make)" in out and "[3/6] distillm s0 (to make)" in out
     assert "[4/6] switch s1 (main phase: claim (b)'s partner) (to make)" in out
     assert "[6/6] distillm s1 (main phase: claim (b)'s partner) (to make)" in out
+    calls = []
+    monkeypatch.setattr("subprocess.call", lambda cmd, **kw: calls.append(cmd[3:]) or 0)
+    assert ks.main(argv[:-1]) == 0  # each cell in its own process, partners marked as such
+    assert calls[0] == ["--phase", "long", "--method", "switch", "--seed", "0"]
+    assert calls[3] == ["--phase", "main", "--method", "switch", "--seed", "1", "--partner"]
+    assert len(calls) == 6 and (tmp_path / "work" / "logs" / "main-distillm-s1.log").exists()
+    capsys.readouterr()
     for tag in ("switch", "gkd", "distillm"):  # once they exist, nothing is left to make
         for ph, folder in (("long", long), ("main", main)):
             s = 0 if ph == "long" else 1
