@@ -838,11 +838,16 @@ def stop_prob(args) -> int:
     return 0
 
 
+def _arms(best: str | tuple[str, ...]) -> tuple[str, ...]:
+    """SWITCH and the arm(s) ``best`` names."""
+    return (PRIMARY, *((best,) if isinstance(best, str) else best))
+
+
 def _pairs(cells: Cells, best: str | tuple[str, ...], machine: str | None = None) -> set[int]:
     """Seeds with SWITCH and ``best`` (every arm of it, when a tuple) on one machine type
     (``machine``, or any)."""
     keys = set(cells.get(PRIMARY, {}))
-    for t in (best,) if isinstance(best, str) else best:
+    for t in _arms(best)[1:]:
         keys &= set(cells.get(t, {}))
     return {s for s, m in keys if machine in (None, m)}
 
@@ -859,8 +864,7 @@ def long_seeds(
     anywhere (``main_partners`` makes their main-phase cells). A seed another type has begun is
     left to that type: the cells of one seed pair only within one type. The price: a type whose
     long pairs lack main-phase partners makes them only when it is lent again."""
-    arms = (PRIMARY, *((best,) if isinstance(best, str) else best))
-    started = {(s, m) for t in arms for s, m in long.get(t, {})}
+    started = {(s, m) for t in _arms(best) for s, m in long.get(t, {})}
     begun = {s for s, m in started if m == here} - _pairs(long, best)
     have = _pairs(long, best) | {s for s, _ in started}
     mine = [s for s in sorted(_pairs(main, best, here)) if s not in have]
@@ -877,14 +881,13 @@ def main_partners(
     type, lowest first, get their missing main-phase cells here. A main-phase cell costs about
     half a long one, so a long seed without partners gets them rather than another long seed
     being made where the main phase has them."""
-    arms = (PRIMARY, *((best,) if isinstance(best, str) else best))
     types = {m for cs in (*main.values(), *long.values()) for _, m in cs}
     cross = {s for m in types for s in _pairs(long, best, m) & _pairs(main, best, m)}
     out = []
     for s in sorted(_pairs(long, best, here) - cross):
         if len(cross) >= n:
             break
-        out += [(t, s) for t in arms if (s, here) not in main.get(t, {})]
+        out += [(t, s) for t in _arms(best) if (s, here) not in main.get(t, {})]
         cross.add(s)
     return out
 
@@ -983,13 +986,13 @@ def grid(args) -> int:
         order = long_seeds(main, have, against, here, n)
         made = grid_cells("long", 0, order, against)
         # long_seeds chose for this type: a seed another type made does not pair here
-        todo = [(t, s) for t, s in made if (s, here) not in have.get(t, {})]
-        after = {t: {**cs} for t, cs in have.items()}
-        for t, s in todo:
+        new = [(t, s) for t, s in made if (s, here) not in have.get(t, {})]
+        after = {t: {**cs} for t, cs in have.items()}  # the partners of the seeds made here too
+        for t, s in new:
             after.setdefault(t, {})[(s, here)] = {}
-        cells = [("long", t, s) for t, s in made]
-        cells += [("main", t, s) for t, s in main_partners(main, after, against, here, n)]
-        todo = [("long", t, s) for t, s in todo] + [c for c in cells if c[0] == "main"]
+        partners = [("main", t, s) for t, s in main_partners(main, after, against, here, n)]
+        cells = [("long", t, s) for t, s in made] + partners
+        todo = [("long", t, s) for t, s in new] + partners
     else:
         cells = [
             (args.phase, t, s) for t, s in grid_cells(args.phase, args.seeds or SEEDS[args.phase])
